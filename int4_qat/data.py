@@ -59,10 +59,15 @@ __all__ = [
     "iter_batches",
 ]
 
-#: Entry in ``train.data`` that stands for :func:`system_corpus`.
-SYSTEM_CORPUS = "@system"
+#: Entry in ``train.data`` that stands for :func:`system_corpus` (same value as
+#: ``int4_qat.recipe.SYSTEM_DATA``; ``"@system"`` is accepted too).
+SYSTEM_CORPUS = "system"
+_SYSTEM_ALIASES = ("system", "@system")
 
-_TEXT_SUFFIXES = (".txt", ".jsonl", ".py")
+#: Suffixes picked up when a *directory* is expanded. A file named explicitly is read whatever its
+#: suffix (``.jsonl`` → JSON lines, ``.py`` → docstrings, anything else → plain text), so licence
+#: files such as ``/usr/share/common-licenses/GPL-3`` work.
+_DIR_SUFFIXES = (".txt", ".md", ".jsonl", ".py")
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -135,26 +140,30 @@ def load_tokenizer(path: str | os.PathLike | None, vocab_size: int):
 
 
 # --------------------------------------------------------------------------- documents
-def _py_docstrings(path: Path) -> list[str]:
+@functools.lru_cache(maxsize=4096)
+def _py_docstrings(path: Path) -> tuple[str, ...]:
     """Docstrings of a Python source file (module, classes, functions), without importing it."""
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except (SyntaxError, UnicodeDecodeError, ValueError):
-        return []
+        return ()
     out = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node)
             if doc and len(doc.split()) >= 3:
                 out.append(doc)
-    return out
+    return tuple(out)
 
 
 def _txt_documents(path: Path, txt_mode: str) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e})") from e
+    if b"\x00" in raw[:4096]:
+        raise ValueError(f"{path}: looks binary (NUL bytes); data files must be UTF-8 text, .jsonl or .py")
+    text = raw.decode("utf-8", errors="replace")
     if txt_mode == "file":
         return [text.strip()] if text.strip() else []
     blocks, cur = [], []
@@ -195,10 +204,8 @@ def _expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
     for p in paths:
         p = Path(p)
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _TEXT_SUFFIXES))
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _DIR_SUFFIXES))
         elif p.is_file():
-            if p.suffix not in _TEXT_SUFFIXES:
-                raise ValueError(f"{p}: unsupported data file type {p.suffix!r}; use .txt, .jsonl or .py")
             files.append(p)
         else:
             raise ValueError(f"train.data: {str(p)!r} does not exist")
@@ -212,7 +219,7 @@ def load_documents(paths: Sequence[str | os.PathLike], txt_mode: str = "paragrap
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     docs: list[str] = []
-    real = [p for p in paths if str(p) != SYSTEM_CORPUS]
+    real = [p for p in paths if str(p) not in _SYSTEM_ALIASES]
     if len(real) != len(paths):
         docs.extend(system_corpus())
     for f in _expand(real):

@@ -24,13 +24,15 @@ def test_documents_txt_dirs_and_modes(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("para one\nline two\n\n\npara two\n")
     (tmp_path / "sub" / "b.jsonl").write_text(json.dumps({"text": "json doc"}) + "\n")
-    (tmp_path / "ignored.bin").write_bytes(b"\x00")
+    (tmp_path / "ignored.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "LICENSE-2.0").write_text("licence text\n")
     docs = D.load_documents([tmp_path])
     assert docs == ["para one\nline two", "para two", "json doc"]
     assert D.load_documents([tmp_path / "a.txt"], txt_mode="file") == ["para one\nline two\n\n\npara two"]
     with pytest.raises(ValueError, match="does not exist"):
         D.load_documents([tmp_path / "missing.txt"])
-    with pytest.raises(ValueError, match="unsupported data file type"):
+    assert D.load_documents([tmp_path / "LICENSE-2.0"]) == ["licence text"]   # any suffix by name
+    with pytest.raises(ValueError, match=r"ignored\.bin: looks binary"):
         D.load_documents([tmp_path / "ignored.bin"])
 
 
@@ -43,6 +45,7 @@ def test_system_corpus_is_real_english():
     for w in (" the ", " return", " file", " string"):
         assert w in text
     assert D.load_documents([D.SYSTEM_CORPUS]) == docs
+    assert D.load_documents(paths) == docs        # what Recipe.train.data_paths() expands to
 
 
 def test_split_is_deterministic_and_by_document():
