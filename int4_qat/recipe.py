@@ -142,6 +142,17 @@ class ParallelSection(_Section):
     sequence_parallel: StrictBool = False
     nodes: StrictInt = Field(1, ge=1)
     gpus_per_node: StrictInt = Field(1, ge=1)
+    # Uneven pipeline split (Megatron TransformerConfig.num_layers_in_{first,last}_pipeline_stage):
+    # needed when num_layers % pp != 0, e.g. Qwen3-235B's 94 or Kimi-K2's 61 layers.
+    first_stage_layers: StrictInt | None = Field(None, ge=1, description="layers on pipeline stage 0")
+    last_stage_layers: StrictInt | None = Field(None, ge=1, description="layers on the last stage")
+
+    @model_validator(mode="after")
+    def _uneven_pp(self) -> "ParallelSection":
+        if self.pp == 1 and (self.first_stage_layers or self.last_stage_layers):
+            raise ValueError("parallel.first_stage_layers / parallel.last_stage_layers need pp > 1 "
+                             "(remove them or raise parallel.pp)")
+        return self
 
     @property
     def world_size(self) -> int:
