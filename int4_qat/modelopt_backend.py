@@ -1,0 +1,219 @@
+"""ModelOpt integration: the project's numerics as a ModelOpt quantization backend.
+
+How fake quant reaches a weight
+-------------------------------
+``mtq.quantize`` swaps every supported linear for a "quant module" with an ``input_quantizer``,
+a ``weight_quantizer`` and an ``output_quantizer`` (``TensorQuantizer``). In the forward, the
+quant module passes its weight through ``weight_quantizer`` before the matmul. A quantizer whose
+config names a ``backend`` calls the function registered under that name
+(``modelopt/torch/quantization/nn/modules/tensor_quantizer.py``: ``TensorQuantizer._fake_quantize``
+→ ``_QUANT_FUNCTIONAL_BACKENDS[backend](inputs, quantizer)``) and ``backend_extra_args`` reach it
+as ``quantizer.backend_extra_args``. Our backend, :func:`fake_quant_backend`, reads
+``{"format", "group_size", "scale_rule", "name"}`` from there and calls
+``int4_qat.formats.<fmt>.fake_quantize``: no amax buffer, no calibrator, no CUDA extension.
+
+Choices, and why
+----------------
+* ``block_sizes`` is **not** set in the quantizer config: with static ``block_sizes`` ModelOpt
+  reshapes the weight to ``[-1, G]`` *before* calling the backend, which would hide ``[N, K]``
+  from our numerics (and break NVFP4's per-tensor global scale). The group size travels in
+  ``backend_extra_args`` instead, and the backend sees the weight exactly as the module holds it.
+* ``num_bits`` is 4 for every format. ModelOpt skips ``num_bits`` validation for backend
+  quantizers and the backend ignores it; 4 keeps ModelOpt's own bookkeeping (``maxbound``) sane.
+* ``algorithm: None``: ``mtq.calibrate`` does nothing, so no ``_amax`` is collected or needed
+  (``max`` calibration would run every weight through a MaxCalibrator for a number nobody uses).
+* Input and output quantizers stay disabled: W4A16.
+
+Supported layouts (what the weight quantizer sees)
+--------------------------------------------------
+* Megatron-Core ``ColumnParallelLinear`` / ``RowParallelLinear`` (local spec; SequentialMLP
+  experts, shared experts, attention, MLA projections): the local ``[N/TP, K]`` or
+  ``[N, K/TP]`` shard. With expert-TP = 1 expert groups line up with the HF layout; a row-parallel
+  shard must hold whole groups (K/TP divisible by the group) — the format raises otherwise.
+* TE ``TEGroupedMLP`` (``TEColumnParallelGroupedLinear``): ModelOpt gives each local expert its
+  own quantizer (``weight_quantizer.{i}`` applied to ``weight{i}``, 2-D ``[N, K]``). Needs
+  Transformer-Engine, so it is exercised on GPU machines only.
+* Legacy Megatron ``GroupedMLP`` (``weight1`` = ``[H, E·F]``, transposed and fused): ModelOpt has
+  no quant module for it; :func:`apply_scheme` refuses it with a ValueError.
+* HF ``nn.Linear`` experts, transformers-5 fused experts (``gate_up_proj_weight_quantizers.{e}``
+  on the per-expert 2-D slice) and gpt-oss ``GptOssExperts`` (ModelOpt quantizes the 3-D
+  ``[E, K, N]`` parameter transposed, so the backend sees ``[E, N, K]``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from int4_qat.formats import QuantFormat, get_format
+
+if TYPE_CHECKING:  # pragma: no cover
+    from int4_qat.scheme import QuantScheme
+
+__all__ = [
+    "BACKEND_NAME",
+    "apply_scheme",
+    "build_modelopt_config",
+    "enabled_weight_quantizers",
+    "fake_quant_backend",
+    "fake_quantized_weights",
+    "register_backend",
+]
+
+BACKEND_NAME = "int4_qat"
+
+
+def fake_quant_backend(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    """ModelOpt backend entry point: ``fn(inputs, quantizer) -> fake-quantized inputs``."""
+    args = quantizer.backend_extra_args or {}
+    try:
+        fmt = QuantFormat(args["format"])
+        group_size = int(args["group_size"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(
+            f"quantizer uses backend {BACKEND_NAME!r} but backend_extra_args={args!r} lack a "
+            "valid 'format'/'group_size' (build the config with QuantScheme.modelopt_config())"
+        ) from exc
+    rule = {"scale_rule": args["scale_rule"]} if args.get("scale_rule") else {}
+    return get_format(fmt).fake_quantize(
+        inputs, group_size, name=args.get("name", "weight"), **rule
+    )
+
+
+def register_backend() -> None:
+    """Register :func:`fake_quant_backend` with ModelOpt under ``BACKEND_NAME`` (idempotent)."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
+        _QUANT_FUNCTIONAL_BACKENDS,
+        register_quant_backend,
+    )
+
+    if _QUANT_FUNCTIONAL_BACKENDS.get(BACKEND_NAME) is not fake_quant_backend:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Overwriting existing backend" after a reload
+            register_quant_backend(BACKEND_NAME, fake_quant_backend)
+
+
+def _quantizer_glob(weight_glob: str) -> str:
+    # Fused 3-D expert parameters (HF "...mlp.experts.gate_up_proj") own a quantizer named
+    # "<param>_weight_quantizer(s)" on the experts module; linears own "<module>.weight_quantizer".
+    # ModelOpt normalises "weight_quantizers.3" / "weight_quantizer.3" (per-expert lists) to
+    # "weight_quantizer" before matching (modelopt/torch/quantization/conversion.py).
+    if weight_glob.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return weight_glob + "_weight_quantizer"
+    return weight_glob + ".weight_quantizer"
+
+
+def build_modelopt_config(scheme: "QuantScheme") -> dict[str, Any]:
+    """``{"quant_cfg": [...], "algorithm": None}`` for ``mtq.quantize``.
+
+    Order matters (later entries win): disable everything, enable the scheme's weight globs
+    (Megatron and HF names both, so one config serves either model), then re-disable the
+    never-quantized globs so no enable pattern can reach a router, embedding, norm or head.
+    """
+    from int4_qat.scheme import NEVER_QUANTIZED_GLOBS
+
+    attrs = {
+        "num_bits": 4,
+        "backend": BACKEND_NAME,
+        "backend_extra_args": {
+            "format": scheme.format.value,
+            "group_size": scheme.group_size,
+            **scheme.rule_kwargs,
+        },
+    }
+    globs = scheme._enable_globs(hf=False) + scheme._enable_globs(hf=True)
+    quant_cfg: list[dict[str, Any]] = [{"quantizer_name": "*", "enable": False}]
+    quant_cfg += [{"quantizer_name": _quantizer_glob(g), "cfg": dict(attrs)} for g in globs]
+    quant_cfg += [{"quantizer_name": g, "enable": False} for g in NEVER_QUANTIZED_GLOBS]
+    return {"quant_cfg": quant_cfg, "algorithm": None}
+
+
+def enabled_weight_quantizers(model: torch.nn.Module) -> dict[str, Any]:
+    """``{quantizer module name: TensorQuantizer}`` for every enabled weight quantizer."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, TensorQuantizer) and "weight_quantizer" in name and mod.is_enabled
+    }
+
+
+def _refuse_unsupported(scheme: "QuantScheme", model: torch.nn.Module) -> None:
+    try:
+        from megatron.core.transformer.moe.experts import GroupedMLP
+    except ImportError:  # pragma: no cover - megatron is a hard requirement, but be tolerant
+        return
+    for name, mod in model.named_modules():
+        if isinstance(mod, GroupedMLP) and scheme.quantizes_megatron(name + ".linear_fc1"):
+            raise ValueError(
+                f"{name}: legacy Megatron GroupedMLP (fused transposed weight1 [H, E*F]) cannot be "
+                "fake-quantized per expert; build the model with moe_grouped_gemm=False "
+                "(SequentialMLP) or with Transformer-Engine (TEGroupedMLP)"
+            )
+
+
+def _weight_name(quantizer_name: str) -> str:
+    """Quantizer module name -> name of the weight it quantizes (the ``quantizes_*`` input)."""
+    parent, _, last = quantizer_name.rpartition(".")
+    if last.isdigit():  # per-expert list entry: TE grouped "weight_quantizer.3", HF "..._quantizers.3"
+        base, _, _ = parent.rpartition(".")
+        owner = parent.rpartition(".")[2]
+        if owner == "weight_quantizer":  # TEGroupedLinear: weight{i}
+            return f"{base}.weight{last}"
+        return f"{base}.{owner.removesuffix('_weight_quantizers')}"
+    if last == "weight_quantizer":
+        return f"{parent}.weight"
+    return f"{parent}.{last.removesuffix('_weight_quantizer')}"  # gpt-oss fused parameter
+
+
+def apply_scheme(scheme: "QuantScheme", model: torch.nn.Module) -> torch.nn.Module:
+    """``register_backend()`` + ``mtq.quantize(model, scheme.modelopt_config())`` + checks."""
+    import modelopt.torch.quantization as mtq
+
+    register_backend()
+    _refuse_unsupported(scheme, model)
+    model = mtq.quantize(model, scheme.modelopt_config(), forward_loop=None)
+    for qname, quantizer in enabled_weight_quantizers(model).items():
+        wname = _weight_name(qname)
+        if not (scheme.quantizes_megatron(wname) or scheme.quantizes_hf(wname)):
+            raise RuntimeError(
+                f"ModelOpt enabled {qname} but {scheme.describe()} does not quantize {wname}; "
+                "the glob lists in int4_qat/scheme.py and the quant_cfg disagree"
+            )
+        # Give each quantizer its own args dict carrying the weight's name, so a format error
+        # (non-finite value, K not divisible by the group) names the tensor.
+        quantizer.backend_extra_args = {**quantizer.backend_extra_args, "name": wname}
+    return model
+
+
+@torch.no_grad()
+def fake_quantized_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The exact fake-quantized weights the quantized ``model`` computes with, by weight name.
+
+    Keys are parameter names as in ``model.named_parameters()`` (e.g.
+    ``decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight``, TE grouped
+    ``...linear_fc1.weight3``, HF fused ``...mlp.experts.gate_up_proj``); values have the
+    parameter's own shape and dtype and are produced by the module's own weight quantizer, so they
+    are what the forward used. Only weights with an enabled weight quantizer are returned.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for qname, quantizer in enabled_weight_quantizers(model).items():
+        wname = _weight_name(qname)
+        owner_name, _, attr = wname.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        parent_q = qname.rpartition(".")[0]
+        if attr.startswith("weight") and attr != "weight":  # TE grouped weight{i}
+            out[wname] = quantizer(getattr(owner, attr)).detach()
+        elif attr == "weight":
+            out[wname] = quantizer(owner.weight).detach()
+        elif parent_q.endswith("_weight_quantizers"):  # HF fused: one quantizer per expert
+            e = int(qname.rpartition(".")[2])
+            piece = quantizer(owner._parameters[attr][e]).detach()
+            full = out.setdefault(wname, torch.empty_like(owner._parameters[attr]))
+            full[e] = piece
+        else:  # gpt-oss: [E, K, N] parameter quantized transposed
+            w = owner._parameters[attr]
+            out[wname] = quantizer(w.transpose(-1, -2).contiguous()).transpose(-1, -2).detach()
+    return out
