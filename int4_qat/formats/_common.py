@@ -1,0 +1,228 @@
+"""Shared pieces of the three 4-bit formats: types, input checks, E2M1, nibbles, the STE.
+
+Everything here is format-neutral plumbing; each format module (``int4``, ``mxfp4``, ``nvfp4``)
+owns its own scale rule and its own definition of the served weight.
+
+Group quantization in one paragraph
+-----------------------------------
+A weight ``W[..., N, K]`` (N = out_features, K = in_features; 3-D for fused expert stacks) is cut
+along its last dimension into groups of ``G`` consecutive elements. Every group gets one scale
+``s``; every element gets a 4-bit code ``q``; the consumer (SGLang / vLLM / transformers) computes
+``q * s`` and nothing else. The scale rule (how ``s`` follows from the group's largest magnitude
+``amax``) is free; the *decode* is fixed by the consumer, so each format module writes down, from the
+consumer's source, the dtype and the order in which ``q * s`` is evaluated, and ``fake_quantize``
+returns exactly that tensor.
+
+E2M1 (the element type of MXFP4 and NVFP4)
+------------------------------------------
+4 bits ``s e e m``: bit 3 is the sign, the low three bits index the magnitudes
+``{0, 0.5, 1, 1.5, 2, 3, 4, 6}`` (2 exponent bits with bias 1, 1 mantissa bit, a subnormal 0.5, no
+Inf/NaN). Code 8 is -0.0. Rounding to E2M1 is round-to-nearest with ties to the even code, i.e. the
+decision boundaries are 0.25 (ties down to 0), 0.75 (up to 1), 1.25 (down to 1), 1.75 (up to 2),
+2.5 (down to 2), 3.5 (up to 4), 5 (down to 4); magnitudes above 5 become 6. These are the
+thresholds of compressed-tensors' ``cast_to_fp4`` (compressed_tensors/quantization/utils/
+fp4_utils.py). The sign bit is ``signbit(w)``, so -0.0 and small negatives that round to zero are
+stored as code 8, as compressed-tensors' ``pack_fp4_to_uint8`` does.
+
+Two 4-bit codes share a byte, the even element in the low nibble (compressed-tensors
+``pack_fp4_to_uint8`` in compressors/nvfp4/helpers.py, and gpt-oss ``*_blocks`` tensors read by
+transformers/integrations/mxfp4.py ``convert_moe_packed_tensors``).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "QuantFormat",
+    "QuantizedTensor",
+    "BF16_MAX",
+    "E2M1_VALUES",
+    "check_weight",
+    "check_group_size",
+    "check_finite",
+    "group_view",
+    "e2m1_encode",
+    "e2m1_decode",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "straight_through",
+    "require_key",
+]
+
+#: Largest finite bfloat16 (2^127 * (2 - 2^-7) = 3.3895e38). The served weight of every format is
+#: bf16; scale rules keep ``q * s`` at or below this so the served weight is always finite.
+BF16_MAX = torch.finfo(torch.bfloat16).max
+
+#: E2M1 code -> value, codes 0..15 (bit 3 = sign; code 8 is -0.0). Same table as transformers'
+#: ``FP4_VALUES`` (transformers/integrations/mxfp4.py).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+               -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class QuantFormat(str, enum.Enum):
+    """The three served 4-bit weight formats."""
+
+    INT4 = "int4"
+    MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized weight ``[..., N, K]`` before packing (docs/DESIGN.md section 1).
+
+    codes: same shape as the weight. INT4: int8 in [-8, 7]. MXFP4/NVFP4: uint8 E2M1 codes 0..15.
+    scale: ``[..., N, K // group_size]`` in storage dtype: INT4 bf16, MXFP4 uint8 (E8M0 biased
+        exponent), NVFP4 float8_e4m3fn.
+    global_scale: NVFP4 only, float32 ``[..., 1]``: one per 2-D matrix (``[1]`` for a Linear,
+        ``[E, 1]`` for an expert stack ``[E, N, K]``, so each expert matches a per-expert export).
+    """
+
+    codes: Tensor
+    scale: Tensor
+    global_scale: Tensor | None
+    group_size: int
+    fmt: QuantFormat
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def expert(self, index: int) -> "QuantizedTensor":
+        """The ``index``-th matrix of a 3-D (or higher) stack, as its own 2-D QuantizedTensor."""
+        if self.codes.ndim < 3:
+            raise ValueError(f"expert({index}) needs a stacked [E, N, K] tensor, got codes of "
+                             f"shape {tuple(self.codes.shape)}")
+        gs = None if self.global_scale is None else self.global_scale[index]
+        return QuantizedTensor(self.codes[index], self.scale[index], gs, self.group_size, self.fmt)
+
+
+def check_group_size(group_size: int, name: str, allowed: tuple[int, ...] | None = None) -> int:
+    """Validate a group size (a positive int; one of ``allowed`` when given)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{name}: group_size must be a positive int, got {group_size!r}")
+    if allowed is not None and group_size not in allowed:
+        raise ValueError(f"{name}: group_size {group_size} not supported by this format "
+                         f"(allowed: {list(allowed)})")
+    return group_size
+
+
+def check_weight(w: Tensor, group_size: int, name: str) -> None:
+    """Raise ValueError (naming ``name``) unless ``w`` is a float ``[..., N, K]`` with K % G == 0.
+
+    Finiteness is checked by the callers on the per-group amax (NaN and Inf propagate into it),
+    which costs one reduction they need anyway instead of a second full pass.
+    """
+    if not isinstance(w, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: dtype {w.dtype} not supported "
+                         f"(use one of {[str(d) for d in _SUPPORTED_DTYPES]})")
+    if w.ndim < 2:
+        raise ValueError(f"{name}: expected a weight of shape [..., N, K], got shape "
+                         f"{tuple(w.shape)}")
+    if w.shape[-1] % group_size != 0:
+        raise ValueError(f"{name}: last dim (in_features) of shape {tuple(w.shape)} is not "
+                         f"divisible by group_size {group_size}")
+
+
+def check_finite(amax: Tensor, name: str) -> None:
+    """``amax`` is a reduction of |w|; a NaN or Inf anywhere in ``w`` shows up in it."""
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
+
+
+def group_view(w: Tensor, group_size: int) -> Tensor:
+    """``[..., N, K]`` -> ``[..., N, K // G, G]`` (a view when ``w`` is contiguous)."""
+    return w.unflatten(-1, (w.shape[-1] // group_size, group_size))
+
+
+# E2M1 rounding as one bucketize: the code magnitude is the number of boundaries strictly below
+# |x|. A boundary that ties *down* is the midpoint itself (``x > t``); one that ties *up* is the
+# float32 just below the midpoint (``x >= t`` <=> ``x > nextdown(t)``).
+_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
+_TIE_UP = (0.75, 1.75, 3.5)
+_BOUNDS_CACHE: dict[torch.device, Tensor] = {}
+
+
+def _e2m1_bounds(device: torch.device) -> Tensor:
+    b = _BOUNDS_CACHE.get(device)
+    if b is None:
+        up = torch.tensor(_TIE_UP, dtype=torch.float32)
+        up = torch.nextafter(up, torch.zeros_like(up))
+        b = torch.cat([torch.tensor(_TIE_DOWN, dtype=torch.float32), up]).sort().values
+        b = b.to(device)
+        _BOUNDS_CACHE[device] = b
+    return b
+
+
+def e2m1_encode(x: Tensor, max_index: Tensor | None = None) -> Tensor:
+    """Round float32 ``x`` (already divided by its scale) to E2M1 codes (uint8, 0..15).
+
+    Ties go to the even code; magnitudes above 6 saturate to 6. ``max_index`` (broadcastable,
+    uint8 0..7) caps the magnitude index, used by MXFP4 to keep ``q * 2^e`` inside bf16.
+    """
+    mag = torch.bucketize(x.abs(), _e2m1_bounds(x.device), out_int32=True).to(torch.uint8)
+    if max_index is not None:
+        mag = torch.minimum(mag, max_index)
+    return mag | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+_VALUES_CACHE: dict[torch.device, Tensor] = {}
+
+
+def e2m1_decode(codes: Tensor) -> Tensor:
+    """E2M1 codes (uint8 0..15) -> float32 values (code 8 -> -0.0)."""
+    table = _VALUES_CACHE.get(codes.device)
+    if table is None:
+        table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+        _VALUES_CACHE[codes.device] = table
+    return table[codes.long()]
+
+
+def pack_nibbles(nibbles: Tensor) -> Tensor:
+    """uint8 values 0..15 ``[..., K]`` -> uint8 ``[..., K/2]``, element 2j in the low nibble."""
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_nibbles`: uint8 ``[..., K/2]`` -> uint8 ``[..., K]``."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def require_key(tensors: dict[str, Tensor], key: str, fmt: str) -> Tensor:
+    if key not in tensors:
+        raise ValueError(f"{fmt} unpack: missing key '{key}' (got keys {sorted(tensors)})")
+    return tensors[key]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``fn(w)`` (the served weight, computed without autograd). Backward: identity.
+
+    Nothing is saved for backward (no ``ctx.save_for_backward``): the STE gradient needs no
+    tensors, so fake quant adds no activation memory to training.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:  # noqa: D102
+        with torch.no_grad():
+            return fn(w)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        return grad, None
+
+
+def straight_through(w: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(w)`` in the forward pass, identity gradient in the backward pass (STE)."""
+    if w.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(w, fn)
+    with torch.no_grad():
+        return fn(w)

@@ -1,0 +1,194 @@
+"""NVFP4: E2M1 elements, blocks of 16 with an FP8 E4M3 scale, and one FP32 global scale.
+
+The format
+----------
+Two-level scaling. Each 2-D weight matrix has a float32 global scale ``g`` chosen so the block
+scales use E4M3's whole range; each block of 16 in_features has a scale ``s`` stored as
+float8_e4m3fn (4 exponent bits, 3 mantissa bits, max 448, no Inf); each element is an E2M1 code.
+The value is ``value(code) * s / g``.
+
+Scale rule (compressed-tensors' convention)
+-------------------------------------------
+Following compressed-tensors (quantization/utils/helpers.py ``generate_gparam`` and
+``calculate_qparams``), all in float32:
+
+* ``g = 448 * 6 / max(amax_matrix, tiny)``; a non-finite ``g`` (matrix amax below ~7.9e-36,
+  e.g. an all-zero matrix) becomes 1.0;
+* ``s = e4m3(clamp((amax_block / 6) * g, -448, 448))`` rounded to nearest even; a block scale
+  that rounds to 0 becomes 0.125 (compressed-tensors' E4M3 eps), which only happens in blocks
+  whose codes are all zero anyway;
+* ``s_eff = float32(s) / g`` and ``q = E2M1(w_fp32 / s_eff)`` (ties to even, saturating at 6).
+
+"Per tensor" means per 2-D matrix: a stacked expert weight ``[E, N, K]`` gets ``E`` global scales
+(``global_scale`` shape ``[E, 1]``), so each expert equals a per-expert export. For an fp32 matrix
+whose amax exceeds bf16's max (only fp32 weights can), ``g`` is computed from bf16's max instead,
+so the served bf16 weight saturates at about bf16's max instead of overflowing.
+
+The served weight (defined once)
+--------------------------------
+compressed-tensors' ``NVFP4PackedCompressor.decompress`` (compressors/nvfp4/base.py) unpacks E2M1
+values to bf16, converts the E4M3 scale to bf16 (exact), and ``_dequantize``
+(quantization/lifecycle/forward_helpers.py) computes ``scale / global_scale`` -- a bf16 tensor
+divided by a float32 ``[1]`` tensor, so float32 -- then ``x_q.to(float32) * that`` in float32,
+and ``_process_group`` casts the result to bf16. So the served weight is
+``bf16(fp32(value(code) * fp32(float32(s) / g)))``, two float32 roundings then one bf16 rounding;
+``dequantize`` and ``fake_quantize`` evaluate exactly these ops in this order.
+
+On-disk layout: compressed-tensors ``nvfp4-pack-quantized``
+-----------------------------------------------------------
+``weight_packed`` uint8 ``[N, K/2]`` (even column in the low nibble), ``weight_scale``
+float8_e4m3fn ``[N, K/16]``, ``weight_global_scale`` float32 ``[1]`` (``[E, 1]`` for a stack).
+ModelOpt's own NVFP4 export stores ``weight_scale_2 = 1 / g`` instead; we do not write that.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from int4_qat.formats._common import (
+    BF16_MAX,
+    QuantFormat,
+    QuantizedTensor,
+    check_finite,
+    check_group_size,
+    check_weight,
+    e2m1_decode,
+    e2m1_encode,
+    group_view,
+    pack_nibbles,
+    require_key,
+    straight_through,
+    unpack_nibbles,
+)
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "E4M3_MAX",
+    "E2M1_MAX",
+    "ZERO_SCALE",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "pack",
+    "unpack",
+]
+
+DEFAULT_GROUP_SIZE = 16
+E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+#: compressed-tensors' replacement for a block scale that rounds to 0 (``_get_dtype_eps`` for E4M3)
+ZERO_SCALE = 0.125
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def _global_scale(amax_blocks: Tensor) -> Tensor:
+    """Per-matrix float32 global scale ``[..., 1]`` from block amaxes ``[..., N, K/16]``."""
+    amax = amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1)
+    amax = amax.clamp(min=_TINY, max=BF16_MAX)
+    g = (E4M3_MAX * E2M1_MAX) / amax
+    return torch.where(torch.isfinite(g), g, torch.ones_like(g))
+
+
+def _block_scales(amax_blocks: Tensor, g: Tensor) -> Tensor:
+    s = ((amax_blocks / E2M1_MAX) * g.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
+    s = s.to(torch.float8_e4m3fn).float()
+    return torch.where(s == 0, torch.full_like(s, ZERO_SCALE), s).to(torch.float8_e4m3fn)
+
+
+def _effective(s: Tensor, g: Tensor) -> Tensor:
+    """float32(s) / g, broadcast per matrix: compressed-tensors' ``scale / global_scale``."""
+    return s.float() / g.unsqueeze(-1)
+
+
+def _encode(w: Tensor, group_size: int, name: str):
+    """-> (codes uint8 ``[..., N, K/16, 16]``, e4m3 scales, global scales, effective scales)."""
+    check_group_size(group_size, name, allowed=(DEFAULT_GROUP_SIZE,))
+    check_weight(w, group_size, name)
+    wg = group_view(w, group_size).float()
+    amax_b = wg.abs().amax(dim=-1)
+    check_finite(amax_b, name)
+    g = _global_scale(amax_b)
+    s = _block_scales(amax_b, g)
+    s_eff = _effective(s, g)
+    codes = e2m1_encode(wg / s_eff.unsqueeze(-1))
+    return codes, s, g, s_eff
+
+
+def _served(codes_g: Tensor, s_eff: Tensor) -> Tensor:
+    return (e2m1_decode(codes_g) * s_eff.unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
+
+
+def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
+             name: str = "weight") -> QuantizedTensor:
+    """Quantize ``w [..., N, K]`` to E2M1 codes, E4M3 block scales and float32 global scales."""
+    with torch.no_grad():
+        codes, s, g, _ = _encode(w, group_size, name)
+    return QuantizedTensor(codes=codes.flatten(-2), scale=s, global_scale=g,
+                           group_size=group_size, fmt=QuantFormat.NVFP4)
+
+
+def _check_qt(q: QuantizedTensor) -> None:
+    if not isinstance(q, QuantizedTensor) or q.fmt != QuantFormat.NVFP4:
+        raise ValueError(f"expected an NVFP4 QuantizedTensor, got "
+                         f"{getattr(q, 'fmt', type(q).__name__)}")
+    if q.global_scale is None:
+        raise ValueError("NVFP4 QuantizedTensor has no global_scale")
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The served weight ``bf16(value(code) * (float32(s) / g))``, cast to ``dtype``."""
+    _check_qt(q)
+    s_eff = _effective(q.scale, q.global_scale)
+    return _served(group_view(q.codes, q.group_size), s_eff).to(dtype)
+
+
+def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
+                  name: str = "weight") -> Tensor:
+    """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE)."""
+
+    def fn(x: Tensor) -> Tensor:
+        codes, _, _, s_eff = _encode(x, group_size, name)
+        return _served(codes, s_eff).to(x.dtype)
+
+    return straight_through(w, fn)
+
+
+def pack(q: QuantizedTensor) -> dict[str, Tensor]:
+    """compressed-tensors ``nvfp4-pack-quantized``: weight_packed / weight_scale /
+    weight_global_scale."""
+    _check_qt(q)
+    return {
+        "weight_packed": pack_nibbles(q.codes).contiguous(),
+        "weight_scale": q.scale,
+        "weight_global_scale": q.global_scale,
+    }
+
+
+def unpack(tensors: dict[str, Tensor], group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedTensor:
+    """Inverse of :func:`pack`; checks dtypes, shapes and that the scales are finite."""
+    packed = require_key(tensors, "weight_packed", "NVFP4")
+    scale = require_key(tensors, "weight_scale", "NVFP4")
+    g = require_key(tensors, "weight_global_scale", "NVFP4")
+    check_group_size(group_size, "NVFP4 unpack", allowed=(DEFAULT_GROUP_SIZE,))
+    if packed.dtype != torch.uint8 or packed.ndim < 2:
+        raise ValueError(f"NVFP4 unpack: weight_packed must be uint8 [..., N, K/2], got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    if scale.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"NVFP4 unpack: weight_scale must be float8_e4m3fn, got {scale.dtype}")
+    if g.dtype != torch.float32:
+        raise ValueError(f"NVFP4 unpack: weight_global_scale must be float32, got {g.dtype}")
+    k = 2 * packed.shape[-1]
+    if k % group_size != 0 or tuple(scale.shape) != (*packed.shape[:-1], k // group_size):
+        raise ValueError(f"NVFP4 unpack: weight_scale shape {tuple(scale.shape)} does not match "
+                         f"weight_packed shape {tuple(packed.shape)} (expected [..., N, K/16])")
+    if tuple(g.shape) != (*packed.shape[:-2], 1):
+        raise ValueError(f"NVFP4 unpack: weight_global_scale shape {tuple(g.shape)} does not "
+                         f"match weight_packed shape {tuple(packed.shape)} (expected "
+                         f"{(*packed.shape[:-2], 1)})")
+    sf = scale.float()
+    if not bool(torch.isfinite(sf).all()) or bool((sf < 0).any()):
+        raise ValueError("NVFP4 unpack: weight_scale holds NaN or negative E4M3 values")
+    if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
+        raise ValueError("NVFP4 unpack: weight_global_scale must be finite and positive")
+    return QuantizedTensor(codes=unpack_nibbles(packed), scale=scale, global_scale=g,
+                           group_size=group_size, fmt=QuantFormat.NVFP4)
