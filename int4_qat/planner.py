@@ -1,0 +1,475 @@
+"""Memory planner: parameter counts, per-GPU QAT training memory and serving checkpoint sizes.
+
+Everything is computed from the architecture's HF ``config.json`` and a recipe; nothing is
+measured. The formulas (bytes, 1 GB = 1e9 bytes):
+
+**Parameters.** Per decoder layer: attention (GQA: q/k/v/o projections [+ biases, + q/k norms];
+MLA as DeepSeek-V3/Kimi-K2: q_a, q_b, kv_a (with the shared rope key), kv_b, o plus the two
+latent norms), the MLP (dense SwiGLU ``3·h·I``, or MoE: ``E`` routed experts of ``3·h·I_moe``
+[+ biases for gpt-oss], shared experts, router ``h·E`` [+ bias]), two RMSNorms. Plus input
+embeddings and ``lm_head`` (untied in all the models here). *Active* parameters count
+``top_k`` routed experts instead of ``E``.
+
+**Training memory per GPU** (bf16 mixed precision, Megatron DDP + distributed optimizer), for the
+worst pipeline stage. Local params: dense part ``/ tp`` (per stage), routed experts
+``/ (ep · etp)``, embeddings on stage 0 and lm_head on the last stage ``/ tp``. Then
+
+* weights 2 B/param (fp32 recipes: 4), fp32 main grads 4 B/param;
+* optimizer: fp32 master + Adam m, v = 12 B/param (fp32 recipes: 8), sharded by the distributed
+  optimizer over ``dp`` for dense params and over expert-dp = world / (ep · etp · pp) for experts;
+* fake-quant weight copies: every quantized weight's fake-quantized bf16 copy is saved by the
+  matmul for backward, once per in-flight micro-batch: ``2 B · quantized local params · in_flight``;
+* activations (no recompute, flash attention, bf16), per layer and micro-batch with
+  ``T = seq · micro_batch`` tokens and ``Tl = T/tp`` under sequence parallel (else ``T``):
+  attention ``2·(3h·Tl + (qkv_out + attn_out)·T/tp)``; dense MLP ``2·(2h·Tl + 3·I·T/tp)``;
+  MoE ``2·2h·Tl + 4·E·Tl + 2·k·Tl·(2h + 3·I_moe)`` (each token's k expert copies carry fc1
+  input, gate/up output, activation, fc2 output) plus shared experts ``2·Tl·(h + 3·I_s)``;
+  last stage logits ``2 · 4·T·V/tp`` (fp32 logits and their grad). Stage ``i`` of a 1F1B
+  schedule holds ``min(pp − i, microbatches)`` micro-batches in flight;
+* a fixed 5 GB for the CUDA context, NCCL buffers and allocator fragmentation.
+
+**Serving checkpoint size** per format, with the recipe's scope deciding which Linear weights are
+quantized (router, embeddings, norms, lm_head, biases always stay BF16): BF16 2 B/param; FP8
+1 B + fp32 128×128 block scale; INT4 gG ``0.5 + 2/G`` (bf16 group scales, compressed-tensors
+``pack-quantized``); MXFP4 ``0.5 + 1/32`` (E8M0 per 32); NVFP4 ``0.5 + 1/16`` (E4M3 per 16) +
+a 4 B global scale per tensor. A checkpoint "fits" N GPUs when its weights take ≤ 85% of their
+memory (the rest is KV cache and activations).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = [
+    "GB", "GPU_MEMORY_GB", "ArchShape", "ParamCounts", "arch_shape", "count_params",
+    "serving_bytes", "SERVING_FORMATS", "TrainingMemory", "training_memory", "plan", "stage_layers",
+]
+
+GB = 1e9
+#: GPU kinds the planner reports against (H100/H800 80 GB, H200 141 GB).
+GPU_MEMORY_GB = {"80GB": 80.0, "141GB": 141.0}
+OVERHEAD_GB = 5.0
+SERVING_HEADROOM = 0.85
+
+
+@dataclass(frozen=True)
+class ArchShape:
+    """The few config.json numbers the planner and the launch checks need, normalised across
+    qwen3_moe / qwen3 / deepseek_v3 / gpt_oss."""
+    model_type: str
+    hidden: int
+    layers: int
+    vocab: int
+    tied_embeddings: bool
+    heads: int
+    kv_heads: int
+    head_dim: int
+    attention_bias: bool
+    qk_norm: bool
+    mla: dict[str, int] | None          # q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim
+    dense_intermediate: int
+    num_experts: int
+    top_k: int
+    moe_intermediate: int
+    shared_experts: int
+    shared_intermediate: int
+    expert_bias: bool
+    router_bias: bool
+    moe_layers: tuple[bool, ...] = field(repr=False)
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the attention output (input of o_proj)."""
+        return self.heads * (self.mla["v_head_dim"] if self.mla else self.head_dim)
+
+
+def _need(cfg: dict, key: str, source: str):
+    if key not in cfg:
+        raise ValueError(f"{source}: config.json lacks {key!r} (needed by the planner)")
+    return cfg[key]
+
+
+def arch_shape(cfg: dict[str, Any], source: str = "config.json") -> ArchShape:
+    """Normalise an HF config.json dict; ``ValueError`` naming ``source`` and the key if lacking."""
+    mt = _need(cfg, "model_type", source)
+    g = lambda k: _need(cfg, k, source)  # noqa: E731
+    h, L = g("hidden_size"), g("num_hidden_layers")
+    heads = g("num_attention_heads")
+    common = dict(model_type=mt, hidden=h, layers=L, vocab=g("vocab_size"),
+                  tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), heads=heads,
+                  kv_heads=cfg.get("num_key_value_heads", heads),
+                  head_dim=cfg.get("head_dim") or h // heads,
+                  attention_bias=bool(cfg.get("attention_bias", False)))
+    if mt in ("qwen3_moe", "qwen3"):
+        E = cfg.get("num_experts", 0) if mt == "qwen3_moe" else 0
+        step, only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers", []))
+        moe = tuple(E > 0 and i not in only and (i + 1) % step == 0 for i in range(L))
+        return ArchShape(**common, qk_norm=True, mla=None, dense_intermediate=g("intermediate_size"),
+                         num_experts=E, top_k=cfg.get("num_experts_per_tok", 0),
+                         moe_intermediate=cfg.get("moe_intermediate_size", 0), shared_experts=0,
+                         shared_intermediate=0, expert_bias=False, router_bias=False, moe_layers=moe)
+    if mt in ("deepseek_v3", "kimi_k2"):
+        E, k_dense, freq = g("n_routed_experts"), cfg.get("first_k_dense_replace", 0), cfg.get("moe_layer_freq", 1)
+        moe = tuple(i >= k_dense and i % freq == 0 for i in range(L))
+        mla = dict(q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=g("kv_lora_rank"),
+                   qk_nope=g("qk_nope_head_dim"), qk_rope=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim"))
+        n_sh = cfg.get("n_shared_experts") or 0
+        return ArchShape(**common, qk_norm=False, mla=mla, dense_intermediate=g("intermediate_size"),
+                         num_experts=E, top_k=g("num_experts_per_tok"), moe_intermediate=g("moe_intermediate_size"),
+                         shared_experts=n_sh, shared_intermediate=g("moe_intermediate_size"),
+                         expert_bias=False, router_bias=cfg.get("topk_method") == "noaux_tc", moe_layers=moe)
+    if mt == "gpt_oss":
+        E = g("num_local_experts")
+        return ArchShape(**common, qk_norm=False, mla=None, dense_intermediate=0, num_experts=E,
+                         top_k=cfg.get("num_experts_per_tok") or g("experts_per_token"),
+                         moe_intermediate=g("intermediate_size"), shared_experts=0, shared_intermediate=0,
+                         expert_bias=True, router_bias=True, moe_layers=(True,) * L)
+    raise ValueError(f"{source}: model_type {mt!r} is not supported by the planner "
+                     f"(qwen3_moe, qwen3, deepseek_v3, kimi_k2, gpt_oss)")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts (elements). ``*_linear`` are Linear weights a scope may quantize."""
+    embedding: int
+    lm_head: int
+    attention: int            # all layers, incl. biases / norms of the attention block
+    attention_linear: int
+    dense_mlp: int
+    routed_experts: int       # weights + biases of every routed expert
+    routed_linear: int        # routed expert weights only
+    shared_experts: int
+    router: int
+    norms: int
+    total: int
+    active: int
+    # per-layer pieces, for pipeline placement
+    attn_per_layer: int
+    dense_mlp_per_layer: int
+    moe_dense_per_layer: int  # shared experts + router of one MoE layer
+    routed_per_layer: int
+    routed_linear_per_layer: int
+    one_expert: int
+
+
+def count_params(a: ArchShape) -> ParamCounts:
+    h = a.hidden
+    if a.mla:
+        m = a.mla
+        qk = m["qk_nope"] + m["qk_rope"]
+        q = (h * m["q_lora_rank"] + m["q_lora_rank"] + m["q_lora_rank"] * a.heads * qk) if m["q_lora_rank"] \
+            else h * a.heads * qk
+        kv = h * (m["kv_lora_rank"] + m["qk_rope"]) + m["kv_lora_rank"] \
+            + m["kv_lora_rank"] * a.heads * (m["qk_nope"] + m["v_head_dim"])
+        o = a.heads * m["v_head_dim"] * h
+        attn_lin = q + kv + o - m["q_lora_rank"] - m["kv_lora_rank"]      # norms are not Linear
+        attn = q + kv + o
+    else:
+        qd, kvd = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        attn_lin = h * qd + 2 * h * kvd + qd * h
+        attn = attn_lin + (qd + 2 * kvd + h if a.attention_bias else 0) \
+            + (2 * a.head_dim if a.qk_norm else 0) + (a.heads if a.model_type == "gpt_oss" else 0)  # sinks
+    I = a.moe_intermediate
+    expert_lin = 3 * h * I
+    one_expert = expert_lin + ((2 * I + h) if a.expert_bias else 0)
+    router = h * a.num_experts + (a.num_experts if a.router_bias else 0)
+    shared = a.shared_experts * 3 * h * a.shared_intermediate
+    dense_mlp = 3 * h * a.dense_intermediate
+    n_moe = sum(a.moe_layers)
+    n_dense = a.layers - n_moe
+    norms = 2 * h * a.layers + h
+    emb = a.vocab * h
+    head = 0 if a.tied_embeddings else a.vocab * h
+    total = (emb + head + attn * a.layers + dense_mlp * n_dense
+             + n_moe * (a.num_experts * one_expert + shared + router) + norms)
+    active = (emb + head + attn * a.layers + dense_mlp * n_dense
+              + n_moe * (a.top_k * one_expert + shared + router) + norms)
+    return ParamCounts(
+        embedding=emb, lm_head=head, attention=attn * a.layers, attention_linear=attn_lin * a.layers,
+        dense_mlp=dense_mlp * n_dense, routed_experts=n_moe * a.num_experts * one_expert,
+        routed_linear=n_moe * a.num_experts * expert_lin, shared_experts=shared * n_moe,
+        router=router * n_moe, norms=norms, total=total, active=active,
+        attn_per_layer=attn, dense_mlp_per_layer=dense_mlp, moe_dense_per_layer=shared + router,
+        routed_per_layer=a.num_experts * one_expert, routed_linear_per_layer=a.num_experts * expert_lin,
+        one_expert=one_expert)
+
+
+# ------------------------------------------------------------------------------- serving sizes
+SERVING_FORMATS = ("bf16", "fp8", "int4-g32", "int4-g128", "mxfp4", "nvfp4")
+
+
+def _bytes_per_quantized_param(fmt: str, group: int | None = None) -> float:
+    if fmt == "bf16":
+        return 2.0
+    if fmt == "fp8":
+        return 1.0 + 4.0 / (128 * 128)           # DeepSeek-style fp32 scale per 128x128 block
+    if fmt == "int4" or fmt.startswith("int4-g"):
+        g = group if fmt == "int4" else int(fmt.removeprefix("int4-g"))
+        return 0.5 + 2.0 / g                      # packed nibbles + bf16 scale per group
+    if fmt == "mxfp4":
+        return 0.5 + 1.0 / 32                     # E2M1 + E8M0 per 32
+    if fmt == "nvfp4":
+        return 0.5 + 1.0 / 16                     # E2M1 + E4M3 per 16 (+ global per tensor)
+    raise ValueError(f"unknown serving format {fmt!r} (one of {', '.join(SERVING_FORMATS)}, int4)")
+
+
+def quantized_params(c: ParamCounts, scope: str) -> int:
+    """Linear weights a scope quantizes: ``experts`` = routed experts; ``all-linear`` adds
+    attention projections, dense MLPs and shared experts (never router/embeddings/lm_head)."""
+    if scope == "experts":
+        return c.routed_linear
+    if scope == "all-linear":
+        return c.routed_linear + c.attention_linear + c.dense_mlp + c.shared_experts
+    raise ValueError(f"unknown scope {scope!r} (experts, all-linear)")
+
+
+def serving_bytes(c: ParamCounts, fmt: str, scope: str = "experts", group: int | None = None) -> float:
+    """Checkpoint bytes when ``scope``'s Linear weights are stored in ``fmt``, the rest BF16."""
+    q = 0 if fmt == "bf16" else quantized_params(c, scope)
+    return (c.total - q) * 2.0 + q * _bytes_per_quantized_param(fmt, group)
+
+
+# ------------------------------------------------------------------------------- training memory
+def stage_layers(layers: int, pp: int, first: int | None = None, last: int | None = None) -> list[int]:
+    """Decoder layers per pipeline stage (Megatron's uneven split when first/last are given)."""
+    if pp == 1:
+        return [layers]
+    f = first if first is not None else None
+    l_ = last if last is not None else None
+    if f is None and l_ is None:
+        if layers % pp:
+            raise ValueError(f"parallel.pp: {layers} layers do not split evenly over pp={pp}; set "
+                             f"parallel.first_stage_layers / parallel.last_stage_layers")
+        return [layers // pp] * pp
+    middle_stages = pp - (f is not None) - (l_ is not None)
+    rest = layers - (f or 0) - (l_ or 0)
+    if rest < 0 or (middle_stages == 0 and rest) or (middle_stages and rest % middle_stages):
+        raise ValueError(f"parallel.first_stage_layers/last_stage_layers: {layers} layers - first "
+                         f"{f} - last {l_} leaves {rest}, which the {middle_stages} middle stage(s) "
+                         f"of pp={pp} cannot split evenly")
+    mid = rest // middle_stages if middle_stages else 0
+    out = [mid] * pp
+    if f is not None:
+        out[0] = f
+    if l_ is not None:
+        out[-1] = l_
+    return out
+
+
+@dataclass
+class TrainingMemory:
+    """Per-GPU training memory of the worst pipeline stage, in GB."""
+    stage: int
+    local_params_b: float          # billions of params on that GPU
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    fake_quant_gb: float
+    activations_gb: float
+    overhead_gb: float
+    total_gb: float
+    microbatches: int
+    fits: dict[str, bool]
+
+
+def _activation_bytes_per_layer(a: ArchShape, moe: bool, T: int, tp: int, sp: bool) -> float:
+    Tl = T / tp if (sp or tp == 1) else T
+    if a.mla:
+        m = a.mla
+        qkv_out = (m["q_lora_rank"] + m["kv_lora_rank"] + m["qk_rope"]
+                   + a.heads * (2 * (m["qk_nope"] + m["qk_rope"]) + m["v_head_dim"]))
+    else:
+        qkv_out = (a.heads + 2 * a.kv_heads) * a.head_dim
+    attn = 2 * (3 * a.hidden * Tl + (qkv_out + a.q_dim) * T / tp)
+    if not moe:
+        return attn + 2 * (2 * a.hidden * Tl + 3 * a.dense_intermediate * T / tp)
+    mlp = (2 * 2 * a.hidden * Tl + 4 * a.num_experts * Tl
+           + 2 * a.top_k * Tl * (2 * a.hidden + 3 * a.moe_intermediate)
+           + (2 * Tl * (a.hidden + 3 * a.shared_experts * a.shared_intermediate) if a.shared_experts else 0))
+    return attn + mlp
+
+
+def training_memory(a: ArchShape, c: ParamCounts, parallel, train, scope: str) -> TrainingMemory:
+    """Per-GPU memory of QAT training under ``parallel`` / ``train`` (recipe sections)."""
+    p = parallel
+    world = p.nodes * p.gpus_per_node
+    edp = max(1, world // (p.ep * p.etp * p.pp))
+    split = stage_layers(a.layers, p.pp, p.first_stage_layers, p.last_stage_layers)
+    fp32 = getattr(train.precision, "value", train.precision) == "fp32"
+    w_b, opt_b = (4.0, 8.0) if fp32 else (2.0, 12.0)
+    n_micro = max(1, train.global_batch // (train.micro_batch * p.dp))
+    T = train.seq_length * train.micro_batch
+    best: TrainingMemory | None = None
+    start = 0
+    for s, n in enumerate(split):
+        idx = range(start, start + n)
+        start += n
+        n_moe = sum(a.moe_layers[i] for i in idx)
+        dense = (n * c.attn_per_layer + (n - n_moe) * c.dense_mlp_per_layer
+                 + n_moe * c.moe_dense_per_layer) / p.tp + 2 * a.hidden * n
+        if s == 0:
+            dense += c.embedding / p.tp
+        if s == p.pp - 1:
+            dense += c.lm_head / p.tp + a.hidden
+        expert = n_moe * c.routed_per_layer / (p.ep * p.etp)
+        quant_local = n_moe * c.routed_linear_per_layer / (p.ep * p.etp)
+        if scope == "all-linear":
+            quant_local += (n * c.attention_linear / a.layers + (n - n_moe) * c.dense_mlp_per_layer
+                            + n_moe * a.shared_experts * 3 * a.hidden * a.shared_intermediate) / p.tp
+        in_flight = min(p.pp - s, n_micro)
+        act = in_flight * sum(_activation_bytes_per_layer(a, a.moe_layers[i], T, p.tp, p.sequence_parallel)
+                              for i in idx)
+        if s == p.pp - 1:
+            act += 2 * 4.0 * T * a.vocab / p.tp
+        local = dense + expert
+        weights = local * w_b
+        grads = local * 4.0
+        opt = dense * opt_b / p.dp + expert * opt_b / edp
+        fq = quant_local * 2.0 * in_flight
+        total = (weights + grads + opt + fq + act) / GB + OVERHEAD_GB
+        m = TrainingMemory(stage=s, local_params_b=local / 1e9, weights_gb=weights / GB,
+                           grads_gb=grads / GB, optimizer_gb=opt / GB, fake_quant_gb=fq / GB,
+                           activations_gb=act / GB, overhead_gb=OVERHEAD_GB, total_gb=total,
+                           microbatches=n_micro,
+                           fits={k: total <= cap for k, cap in GPU_MEMORY_GB.items()})
+        if best is None or m.total_gb > best.total_gb:
+            best = m
+    return best
+
+
+def plan(recipe) -> dict[str, Any]:
+    """Everything the planner reports for one recipe, as a JSON-able dict."""
+    cfg = recipe.model.hf_config()
+    a = arch_shape(cfg, str(recipe.model.config_json()))
+    c = count_params(a)
+    scope = recipe.quant.scope.value
+    world = recipe.parallel.world_size
+    serving = {}
+    for fmt in SERVING_FORMATS + ((f"int4-g{recipe.quant.group_size}",)
+                                  if recipe.quant.format.value == "int4" else ()):
+        b = serving_bytes(c, fmt, scope)
+        serving[fmt] = {"gb": round(b / GB, 1),
+                        **{f"gpus_{k}": math.ceil(b / (cap * GB * SERVING_HEADROOM))
+                           for k, cap in GPU_MEMORY_GB.items()},
+                        "fits_8x141GB": b <= 8 * 141 * GB * SERVING_HEADROOM}
+    tm = training_memory(a, c, recipe.parallel, recipe.train, scope)
+    return {
+        "recipe": recipe.name, "model_type": a.model_type,
+        "params": {"total_b": round(c.total / 1e9, 2), "active_b": round(c.active / 1e9, 2),
+                   **{k: round(v / 1e9, 3) for k, v in asdict(c).items()
+                      if k in ("embedding", "lm_head", "attention", "dense_mlp", "routed_experts",
+                               "shared_experts", "router", "norms")}},
+        "quant": {"format": recipe.quant.format.value, "group_size": recipe.quant.group_size, "scope": scope},
+        "layout": {"tp": recipe.parallel.tp, "pp": recipe.parallel.pp, "ep": recipe.parallel.ep,
+                   "etp": recipe.parallel.etp, "dp": recipe.parallel.dp, "gpus": world,
+                   "stages": stage_layers(a.layers, recipe.parallel.pp, recipe.parallel.first_stage_layers,
+                                          recipe.parallel.last_stage_layers)},
+        "training_per_gpu": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(tm).items()},
+        "serving": serving,
+    }
+
+
+# ------------------------------------------------------------------------------- launch checks
+#: Marlin's INT4 MoE limits, as SGLang/vLLM check them before choosing the Marlin MoE kernel
+#: (vllm/model_executor/layers/quantization/utils/marlin_utils.py, check_moe_marlin_supports_layer;
+#: SGLang vendors the same function): group in {-1, 32, 64, 128}, hidden % 128 == 0,
+#: intermediate_size_per_partition % max(64, group) == 0.
+MARLIN_GROUPS = (32, 64, 128)
+
+
+def marlin_problems(a: ArchShape, group: int, serving_tp: int, serving_ep: int) -> list[str]:
+    """Why an INT4 g``group`` MoE export cannot be served by Marlin at this serving layout."""
+    out = []
+    if group not in MARLIN_GROUPS:
+        out.append(f"quant.group_size: Marlin serves INT4 groups {list(MARLIN_GROUPS)} only, got {group}; "
+                   f"fix: quant.group_size: 128 (or 64/32)")
+    if a.num_experts and a.hidden % 128:
+        out.append(f"model.config: Marlin MoE needs hidden_size % 128 == 0, hidden_size={a.hidden}; "
+                   f"fix: serve this model in another format (e.g. mxfp4) or drop int4 from export.formats")
+    if a.num_experts and group in MARLIN_GROUPS:
+        moe_tp = serving_tp // serving_ep
+        I = a.moe_intermediate
+        need = max(64, group)
+        if I % moe_tp or (I // moe_tp) % need:
+            groups = [g for g in MARLIN_GROUPS if I % moe_tp == 0 and (I // moe_tp) % max(64, g) == 0]
+            eps = [e for e in range(1, serving_tp + 1) if serving_tp % e == 0
+                   and I % (serving_tp // e) == 0 and (I // (serving_tp // e)) % need == 0]
+            fixes = []
+            if groups:
+                fixes.append(f"quant.group_size: {groups[-1]}")
+            if eps:
+                fixes.append(f"export.serving_ep: {eps[0]} (serving expert parallel: each rank holds "
+                             f"{I // (serving_tp // eps[0])}-wide experts)")
+            fixes.append(f"a smaller export.serving_tp")
+            out.append(f"quant.group_size / export.serving_tp: Marlin MoE needs (moe_intermediate_size / "
+                       f"(serving_tp / serving_ep)) % max(64, group) == 0, but {I} / {moe_tp} = "
+                       f"{I / moe_tp:g} is not a multiple of {need} (group {group} at serving_tp "
+                       f"{serving_tp}, serving_ep {serving_ep}); fix: " + " or ".join(fixes))
+    return out
+
+
+def _fp4_serving_problems(a: ArchShape, fmt: str, block: int, serving_tp: int, serving_ep: int) -> list[str]:
+    moe_tp = serving_tp // serving_ep
+    I = a.moe_intermediate
+    if a.num_experts and (I % moe_tp or (I // moe_tp) % block):
+        return [f"export.serving_tp: {fmt} down_proj in_features {I} / {moe_tp} = {I / moe_tp:g} per "
+                f"serving rank is not a multiple of the {block}-block; fix: a serving_tp / serving_ep "
+                f"whose split keeps whole blocks"]
+    return []
+
+
+def check_recipe(path) -> list[str]:
+    """Every problem that would stop ``path`` from training, exporting or serving, one line each
+    (``<file>: <key>: <problem>; fix: ...``). Empty list = launchable. Runs before anything is
+    launched or queued: schema, model config, layout (int4_qat.parallel.validate_layout), groups vs
+    TP shards, export format vs trained format, serving limits, memory plan, name vs file."""
+    from pathlib import Path as _P
+
+    from int4_qat.recipe import Recipe, RecipeError
+    src = str(path)
+    try:
+        r = Recipe.load(path)
+    except RecipeError as e:
+        return str(e).splitlines()
+    probs: list[str] = []
+    if _P(path).stem != r.name and _P(path).name != "recipe.yaml":
+        probs.append(f"{src}: name: {r.name!r} differs from the file name {_P(path).stem!r} (make "
+                     f"targets use the file name); fix: name: {_P(path).stem}")
+    try:
+        cfg = r.model.hf_config()
+        a = arch_shape(cfg, str(r.model.config_json()))
+    except ValueError as e:
+        return probs + [f"{src}: {e}"]
+    try:
+        scheme = r.quant.scheme()
+    except Exception as e:                                      # noqa: BLE001 - report, don't crash
+        return probs + [f"{src}: quant: cannot build the QuantScheme: {e}"]
+    from int4_qat.parallel import validate_layout
+    try:
+        validate_layout(r.parallel, r.parallel.world_size, cfg, scheme, train=r.train)
+    except ValueError as e:
+        lines = str(e).splitlines()[1:] or [str(e)]
+        probs += [f"{src}: parallel: {ln.strip()}" for ln in lines]
+        return probs                                            # the memory plan needs a valid layout
+    trained = r.quant.format.value
+    for fmt in r.export.formats:
+        if fmt.value != trained:
+            probs.append(f"{src}: export.formats: {fmt.value!r} is not the trained format quant.format="
+                         f"{trained!r}: that export would not be what training simulated; fix: "
+                         f"export.formats: [{trained}]")
+        elif fmt.value == "int4":
+            probs += [f"{src}: {p}" for p in marlin_problems(a, r.quant.group_size, r.export.serving_tp,
+                                                            r.export.serving_ep)]
+        else:
+            probs += [f"{src}: {p}" for p in _fp4_serving_problems(a, fmt.value, r.quant.group_size,
+                                                                   r.export.serving_tp, r.export.serving_ep)]
+    tm = training_memory(a, count_params(a), r.parallel, r.train, r.quant.scope.value)
+    if not tm.fits["141GB"]:
+        probs.append(f"{src}: parallel: the plan needs {tm.total_gb:.0f} GB per GPU (stage {tm.stage}), "
+                     f"more than a 141 GB GPU; fix: raise parallel.ep / pp / nodes or lower "
+                     f"train.micro_batch / seq_length (python tools/plan_memory.py {src})")
+    return probs
+
+
+__all__ += ["MARLIN_GROUPS", "marlin_problems", "check_recipe", "quantized_params"]
