@@ -1,0 +1,480 @@
+"""Megatron-Core on a CPU: every shim this project needs, in one place, activated explicitly.
+
+Megatron-Core 0.16.1 is written for CUDA. Its *local* (non Transformer-Engine) module spec runs on
+a CPU with torch + gloo, except for a handful of places that reach for a GPU. This module patches
+exactly those places -- no more -- and only after ``activate()`` is called. It is meant for tests,
+the CPU demo and CPU recipe runs; GPU runs never import it. ``activate()`` refuses to run when a CUDA
+device is available (pass ``force=True`` to run the CPU path on a GPU machine anyway, e.g. the CPU
+test-suite on a GPU node).
+
+What is patched (megatron/core paths are relative to site-packages/megatron/core, 0.16.1):
+
+1. ``models/common/embeddings/rotary_pos_embedding.py:160-162`` -- ``RotaryEmbedding.get_emb``
+   moves ``inv_freq`` to ``torch.cuda.current_device()`` on the first call. We wrap it so the
+   move is skipped when ``inv_freq`` lives on a CPU (the rest of the body is unchanged).
+2. ``fusions/fused_softmax.py:327`` -> ``transformer/utils.py:33-35`` -- with no attention mask,
+   ``FusedScaleMaskSoftmax.forward_torch_softmax`` builds the causal mask with ``device="cuda"``.
+   We rebind the name imported into ``fused_softmax`` to a CPU version. Callers may also pass an
+   explicit mask from :func:`causal_attention_mask` (what Megatron's own CPU tests do).
+3. ``transformer/moe/moe_utils.py:22-39, 1192, 1225`` -- ``RouterGatingLinearFunction`` tests
+   ``te_general_gemm is not None``, a name that is only bound when Transformer-Engine imports
+   (NameError otherwise). We bind it to ``None`` so the plain ``torch.mm`` branch runs for every
+   ``moe_router_dtype`` (the alternative, ``moe_router_dtype="fp64"``, changes numerics).
+4. ``tensor_parallel/random.py:286-340`` -- dropout and weight init fork the "model-parallel-rng"
+   CUDA RNG tracker, whose ``add``/``fork`` call ``torch.cuda.get_rng_state``. On a CPU we install
+   the *inference* tracker (``initialize_rng_tracker(inference_rng_tracker=True)``): ``fork`` is a
+   no-op context, so dropout and init draw from torch's CPU generator, seeded by
+   :func:`seed_everything`. (With ``use_cpu_initialization=True`` Megatron initialises the full
+   master weight on CPU from the default generator and slices it, so weights do not depend on TP.)
+
+5. ``utils.py:617-633`` -- ``GlobalMemoryBuffer.get_tensor`` (the scratch buffer the local
+   ``DotProductAttention`` uses for ``baddbmm``, transformer/dot_product_attention.py:189)
+   allocates on ``torch.cuda.current_device()``. The shim allocates on the CPU.
+
+6. ``transformer/moe/router.py:88-92`` -- ``Router.gating`` moves the router weight to
+   ``torch.cuda.current_device()`` when it is on a CPU. The shim runs the same gating GEMM
+   (``router_gating_linear`` with ``moe_router_dtype``) without the move for CPU inputs.
+
+Things this module does *not* fix (see /work/shared/CPU-NOTES.md): the ``alltoall`` token
+dispatcher (creates a ``torch.cuda.Stream``; use ``allgather``), MoE with TP>1 (needs sequence
+parallel, which the torch norms refuse), MLA with local attention, gpt-oss sinks/window path.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "activate",
+    "is_active",
+    "causal_attention_mask",
+    "seed_everything",
+    "init_single_process_gloo",
+    "init_distributed_gloo",
+    "init_model_parallel",
+    "destroy_model_parallel",
+]
+
+_ACTIVE = False
+
+
+def is_active() -> bool:
+    """True once :func:`activate` has installed the shims in this process."""
+    return _ACTIVE
+
+
+def activate(*, force: bool = False) -> None:
+    """Install the Megatron-Core CPU shims (idempotent).
+
+    Raises ``RuntimeError`` if a CUDA device is available, unless ``force=True``: the shims make
+    Megatron build its masks and RoPE tables on the CPU, which must never happen in a GPU run.
+    """
+    global _ACTIVE
+    if _ACTIVE:
+        return
+    if torch.cuda.is_available() and not force:
+        raise RuntimeError(
+            "int4_qat.compat.cpu.activate() refused: a CUDA device is available "
+            f"({torch.cuda.device_count()} visible). The CPU shims are for CPU runs and tests only; "
+            "use the Transformer-Engine spec on GPU, or pass force=True to run the CPU path anyway."
+        )
+    _patch_rotary_get_emb()
+    _patch_default_causal_mask()
+    _patch_router_gemm()
+    _patch_global_memory_buffer()
+    _patch_router_gating()
+    _install_rng_tracker()
+    _ACTIVE = True
+
+
+# --------------------------------------------------------------------------------------- shims 1-4
+def _patch_rotary_get_emb() -> None:
+    # megatron/core/models/common/embeddings/rotary_pos_embedding.py:160-162 (RotaryEmbedding.get_emb)
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
+
+    original = rpe.RotaryEmbedding.get_emb
+    if getattr(original, "_int4_qat_cpu_shim", False):
+        return
+
+    @functools.wraps(original)
+    def get_emb(self, max_seq_len: int, offset: int = 0):
+        if self.inv_freq.device.type != "cpu":
+            return original(self, max_seq_len, offset)
+        # Same body as the original minus the ".to(torch.cuda.current_device())" move.
+        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
+        if not self.rotary_interleaved:
+            emb = torch.cat((freqs, freqs), dim=-1)
+        else:
+            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
+        return emb[:, None, None, :]
+
+    get_emb._int4_qat_cpu_shim = True
+    rpe.RotaryEmbedding.get_emb = get_emb
+
+
+def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Boolean causal mask ``[1, 1, s, s]`` in Megatron's convention: ``True`` = masked out.
+
+    Pass it as ``attention_mask`` to ``GPTModel.forward`` (the local spec's attention applies it
+    with ``masked_fill(mask, -10000)``; see megatron/core/transformer/utils.py attention_mask_func).
+    """
+    if seq_len < 1:
+        raise ValueError(f"causal_attention_mask: seq_len must be >= 1, got {seq_len}")
+    mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+    return mask[None, None]
+
+
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    # CPU twin of megatron/core/transformer/utils.py:33 get_default_causal_mask (device="cuda" there).
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _patch_default_causal_mask() -> None:
+    # megatron/core/fusions/fused_softmax.py:8 imports the name; line 327 calls it.
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+
+
+def _patch_router_gemm() -> None:
+    # megatron/core/transformer/moe/moe_utils.py:34 binds te_general_gemm only under TE;
+    # lines 1192/1225 read it unconditionally.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_global_memory_buffer() -> None:
+    # megatron/core/utils.py:617 GlobalMemoryBuffer.get_tensor: device=torch.cuda.current_device().
+    import operator
+    from functools import reduce
+
+    from megatron.core import utils as mutils
+
+    if getattr(mutils.GlobalMemoryBuffer.get_tensor, "_int4_qat_cpu_shim", False):
+        return
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        required_len = reduce(operator.mul, tensor_shape, 1)
+        buf = self.buffer.get((name, dtype))
+        if buf is None or buf.numel() < required_len:
+            buf = self.buffer[(name, dtype)] = torch.empty(required_len, dtype=dtype, device="cpu")
+        return buf[0:required_len].view(*tensor_shape)
+
+    get_tensor._int4_qat_cpu_shim = True
+    mutils.GlobalMemoryBuffer.get_tensor = get_tensor
+
+
+def _patch_router_gating() -> None:
+    # megatron/core/transformer/moe/router.py:88-92 Router.gating (weight .to(cuda) on first call).
+    from megatron.core.transformer.moe import moe_utils, router
+
+    original = router.Router.gating
+    if getattr(original, "_int4_qat_cpu_shim", False):
+        return
+
+    @functools.wraps(original)
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        if input.device.type != "cpu":
+            return original(self, input)
+        # Same as the original body after its device move (router.py:94-101).
+        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
+            self.config.moe_router_dtype, input.dtype)
+        return moe_utils.router_gating_linear(input, self.weight, self.bias, router_dtype)
+
+    gating._int4_qat_cpu_shim = True
+    router.Router.gating = gating
+
+
+def _install_rng_tracker() -> None:
+    # megatron/core/tensor_parallel/random.py:286 initialize_rng_tracker; the inference tracker's
+    # fork() is contextlib.nullcontext() (random.py:336), so no CUDA RNG state is touched.
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's CPU generator (the one Megatron's CPU init and dropout draw from here)."""
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------ distributed + parallel
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed_gloo(timeout_s: int = 300) -> tuple[int, int]:
+    """Initialise torch.distributed with gloo from the torchrun environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT), or as a 1-process group on a free local port when there is none.
+
+    Returns ``(rank, world_size)``. A no-op (returning the current values) if already initialised.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        init_method = "env://"
+    else:
+        rank, world = 0, 1
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return rank, world
+
+
+def init_model_parallel(tp: int = 1, pp: int = 1, ep: int = 1, etp: Optional[int] = None,
+                        *, seed: int = 1234, force: bool = False) -> None:
+    """Activate the shims, initialise gloo (see :func:`init_distributed_gloo`) and Megatron's
+    ``parallel_state`` for the given TP/PP/EP (ETP defaults to 1), then seed.
+
+    ``WORLD_SIZE`` must be divisible by ``tp * pp`` and by ``etp * ep * pp`` (Megatron's rule);
+    the data-parallel size is what is left. Re-initialising with other sizes destroys the old
+    groups first. ``force`` is passed to :func:`activate`.
+    """
+    from megatron.core import parallel_state as ps
+
+    activate(force=force)
+    _, world = init_distributed_gloo()
+    etp = 1 if etp is None else etp
+    for name, v in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", etp)):
+        if v < 1:
+            raise ValueError(f"init_model_parallel: {name} must be >= 1, got {v}")
+    if world % (tp * pp) or world % (etp * ep * pp):
+        raise ValueError(
+            f"init_model_parallel: world size {world} is not divisible by tp*pp={tp * pp} "
+            f"and etp*ep*pp={etp * ep * pp} (tp={tp}, pp={pp}, ep={ep}, etp={etp})"
+        )
+    if ps.model_parallel_is_initialized():
+        same = (ps.get_tensor_model_parallel_world_size() == tp
+                and ps.get_pipeline_model_parallel_world_size() == pp
+                and ps.get_expert_model_parallel_world_size() == ep
+                and ps.get_expert_tensor_parallel_world_size() == etp)
+        if same:
+            seed_everything(seed)
+            return
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+    )
+    _install_rng_tracker()
+    seed_everything(seed)
+
+
+def init_single_process_gloo(seed: int = 1234, *, force: bool = False) -> None:
+    """One CPU process, TP=PP=EP=1: what unit tests and the CPU demo use."""
+    init_model_parallel(1, 1, 1, 1, seed=seed, force=force)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's parallel groups (the gloo default group is kept for reuse)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+# --- MLA and gpt-oss shims (deepseek_v3.py, gpt_oss.py) ---
+# Installed by install_mla_gpt_oss_shims(), which int4_qat.arch.deepseek_v3 / gpt_oss call from
+# their layer_spec when building the local (CPU) spec; it requires activate() to have run, so a
+# GPU process never gets them. Paths are relative to site-packages/megatron/core (0.16.1).
+#
+# 5. transformer/multi_latent_attention.py:55-65,181-185 -- without Transformer-Engine the
+#    ``extensions.transformer_engine`` import succeeds with TE mocked, so ``HAVE_TE`` is True and
+#    ``isinstance(self.linear_proj, TELinear)`` raises TypeError (TELinear is a MagicMock). We set
+#    that module's ``HAVE_TE = False`` (its only use is that fp8/fp4 check).
+# 6. models/common/embeddings/yarn_rotary_pos_embedding.py:76 and :120-126 -- MLA builds
+#    ``YarnRotaryEmbedding`` without ``use_cpu_initialization`` (multi_latent_attention.py:131), so
+#    its tables go to ``torch.cuda.current_device()``; ``get_emb`` moves them there again.
+# 7. transformer/moe/router.py:88-92 (``Router.gating`` moves weight/bias to the current CUDA
+#    device) and :163-181 (``TopKRouter`` creates ``expert_bias`` / ``local_tokens_per_expert`` on
+#    it): sigmoid routing with DeepSeek's e_score_correction_bias, and every router on CPU.
+# Shims 6-7 run the original function with ``torch.cuda.current_device`` answering "cpu" for the
+# duration of the call -- nothing else in those bodies changes.
+# 8. transformer/dot_product_attention.py -- the local DotProductAttention refuses MLA's
+#    ``k_channels``/``v_channels`` (multi_latent_attention.py:153-164), sizes its output from
+#    ``kv_channels`` (wrong when v_head_dim differs), creates gpt-oss's learnable ``softmax_offset``
+#    on CUDA (:118-131) and builds the sliding-window mask with ``device="cuda"``
+#    (transformer/utils.py:38-45). :class:`LocalCoreAttention` is a plain-torch core attention with
+#    TEDotProductAttention's constructor and parameter names; the arch modules put it in the local
+#    spec (the TE spec keeps TEDotProductAttention).
+import math as _math
+
+from megatron.core.transformer.module import MegatronModule as _MegatronModule
+
+__all__ += ["install_mla_gpt_oss_shims", "use_local_core_attention", "LocalCoreAttention"]
+
+
+@contextlib.contextmanager
+def _current_device_is_cpu():
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def _run_on_cpu(fn):
+    if getattr(fn, "_int4_qat_cpu_shim", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _current_device_is_cpu():
+            return fn(*args, **kwargs)
+
+    wrapper._int4_qat_cpu_shim = True
+    return wrapper
+
+
+def install_mla_gpt_oss_shims() -> None:
+    """Install shims 5-8 (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
+    if not _ACTIVE:
+        raise RuntimeError("install_mla_gpt_oss_shims: call int4_qat.compat.cpu.activate() first "
+                           "(the local spec is the CPU path; on GPU build with use_te=True)")
+    from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
+    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.transformer.moe import router
+
+    mla.HAVE_TE = False                                                           # shim 5
+    # MLA with plain RoPE builds RotaryEmbedding without use_cpu_initialization too
+    # (multi_latent_attention.py:123-128 -> rotary_pos_embedding.py:78).
+    rpe.RotaryEmbedding.__init__ = _run_on_cpu(rpe.RotaryEmbedding.__init__)
+    yarn.YarnRotaryEmbedding.__init__ = _run_on_cpu(yarn.YarnRotaryEmbedding.__init__)  # 6
+    yarn.YarnRotaryEmbedding.get_emb = _run_on_cpu(yarn.YarnRotaryEmbedding.get_emb)
+    router.Router.gating = _run_on_cpu(router.Router.gating)                      # shim 7
+    router.TopKRouter.__init__ = _run_on_cpu(router.TopKRouter.__init__)
+
+
+def use_local_core_attention(block_spec):
+    """Install shims 5-8 and put :class:`LocalCoreAttention` into every layer of a *local*
+    decoder block spec (``get_gpt_decoder_block_spec(..., use_transformer_engine=False)``)."""
+    install_mla_gpt_oss_shims()
+    for layer_spec in block_spec.layer_specs:
+        layer_spec.submodules.self_attention.submodules.core_attention = LocalCoreAttention
+    return block_spec
+
+
+class LocalCoreAttention(_MegatronModule):
+    """Core attention ``softmax(q k^T * scale + mask [, sink]) v`` in plain torch (shim 8).
+
+    Inputs follow Megatron's layout: query ``[sq, b, heads, dk]``, key ``[sk, b, groups, dk]``,
+    value ``[sk, b, groups, dv]`` (GQA groups are repeated to the heads); output
+    ``[sq, b, heads * dv]``. ``attention_mask`` is boolean with ``True`` = masked out
+    (``[b|1, 1, sq, sk]``); with none, the causal mask is built here. On top of it:
+
+    * sliding window (``config.window_size = (left, right)`` on the layers selected by
+      ``window_attn_skip_freq``, Megatron/TE semantics): query i sees keys ``i-left .. i+right``;
+    * ``config.softmax_type``: ``"vanilla"``; ``"off-by-one"`` (an extra zero logit) or
+      ``"learnable"`` -- one logit per head, the parameter ``softmax_offset`` (gpt-oss's attention
+      "sinks"), which joins every row's softmax and is then dropped, so the probabilities of the
+      real keys sum to less than one.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, k_channels=None, v_channels=None,
+                 cp_comm_type=None, pg_collection=None):
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.transformer.utils import is_layer_window_attention
+        from megatron.core.utils import divide
+
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("LocalCoreAttention: context parallelism needs the TE spec (use_te=True)")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.tp_group = pg_collection.tp
+        tp = self.tp_group.size()
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.heads = divide(config.num_attention_heads, tp)
+        self.groups = divide(config.num_query_groups, tp)
+        self.k_channels = k_channels or config.kv_channels
+        self.softmax_scale = (1.0 / _math.sqrt(self.k_channels) if softmax_scale is None
+                              else softmax_scale)
+        if config.apply_query_key_layer_scaling:
+            self.softmax_scale /= self.layer_number
+        use_window = is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
+                                               layer_number)
+        self.window = tuple(config.window_size) if use_window else None
+        self.dropout = torch.nn.Dropout(
+            config.attention_dropout if attention_dropout is None else attention_dropout)
+        if config.softmax_type == "vanilla":
+            self.softmax_offset = None
+        elif config.softmax_type == "off-by-one":
+            self.register_buffer("softmax_offset", torch.zeros(self.heads, dtype=config.params_dtype),
+                                 persistent=False)
+        elif config.softmax_type == "learnable":
+            self.softmax_offset = torch.nn.Parameter(torch.empty(self.heads, dtype=config.params_dtype))
+            if config.perform_initialization:
+                config.init_method(self.softmax_offset)
+        else:
+            raise ValueError(f"LocalCoreAttention: softmax_type {config.softmax_type!r} is not "
+                             "supported (vanilla, off-by-one, learnable)")
+
+    def _masked_out(self, attention_mask, sq: int, sk: int, device) -> torch.Tensor:
+        q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)   # queries are the last sq keys
+        k_pos = torch.arange(sk, device=device)[None, :]
+        masked = k_pos > q_pos if attention_mask is None else attention_mask.bool()
+        if self.window is not None:
+            left, right = self.window
+            if left >= 0:
+                masked = masked | (k_pos < q_pos - left)
+            if right >= 0:
+                masked = masked | (k_pos > q_pos + right)
+        return masked
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **unused):
+        from megatron.core import tensor_parallel
+
+        if packed_seq_params is not None:
+            raise ValueError("LocalCoreAttention: packed sequences need the TE spec (use_te=True)")
+        sq, b = query.shape[:2]
+        sk = key.shape[0]
+        if self.heads != self.groups:
+            key = key.repeat_interleave(self.heads // self.groups, dim=2)
+            value = value.repeat_interleave(self.heads // self.groups, dim=2)
+        scores = torch.matmul(query.permute(1, 2, 0, 3), key.permute(1, 2, 3, 0))  # [b, h, sq, sk]
+        scores = scores * self.softmax_scale
+        if attention_bias is not None:
+            scores = scores + attention_bias
+        if self.config.attention_softmax_in_fp32:
+            scores = scores.float()
+        masked = self._masked_out(attention_mask, sq, sk, scores.device)
+        scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
+        if self.softmax_offset is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            sink = self.softmax_offset.to(scores.dtype).view(1, -1, 1, 1).expand(b, -1, sq, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        probs = probs.to(value.dtype)
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            probs = self.dropout(probs)
+        context = torch.matmul(probs, value.permute(1, 2, 0, 3))                   # [b, h, sq, dv]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """``softmax_offset`` is split over TP like the heads (TEDotProductAttention's layout)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = ({"softmax_offset": self.softmax_offset}
+                 if isinstance(self.softmax_offset, torch.nn.Parameter) else {})
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"softmax_offset": 0}, sharded_offsets, tp_group=self.tp_group,
+            dp_cp_group=(metadata or {}).get("dp_cp_group"))
