@@ -349,14 +349,15 @@ def plan(recipe) -> dict[str, Any]:
     for fmt in SERVING_FORMATS + ((f"int4-g{recipe.quant.group_size}",)
                                   if recipe.quant.format.value == "int4" else ()):
         b = serving_bytes(c, fmt, scope)
-        serving[fmt] = {"gb": round(b / GB, 1),
+        serving[fmt] = {"bytes": int(b), "gb": round(b / GB, 1),
                         **{f"gpus_{k}": math.ceil(b / (cap * GB * SERVING_HEADROOM))
                            for k, cap in GPU_MEMORY_GB.items()},
                         "fits_8x141GB": b <= 8 * 141 * GB * SERVING_HEADROOM}
     tm = training_memory(a, c, recipe.parallel, recipe.train, scope)
     return {
         "recipe": recipe.name, "model_type": a.model_type,
-        "params": {"total_b": round(c.total / 1e9, 2), "active_b": round(c.active / 1e9, 2),
+        "params": {"total": c.total, "active": c.active,
+                   "total_b": round(c.total / 1e9, 2), "active_b": round(c.active / 1e9, 2),
                    **{k: round(v / 1e9, 3) for k, v in asdict(c).items()
                       if k in ("embedding", "lm_head", "attention", "dense_mlp", "routed_experts",
                                "shared_experts", "router", "norms")}},
