@@ -21,8 +21,11 @@ Inf/NaN). Code 8 is -0.0. Rounding to E2M1 is round-to-nearest with ties to the 
 decision boundaries are 0.25 (ties down to 0), 0.75 (up to 1), 1.25 (down to 1), 1.75 (up to 2),
 2.5 (down to 2), 3.5 (up to 4), 5 (down to 4); magnitudes above 5 become 6. These are the
 thresholds of compressed-tensors' ``cast_to_fp4`` (compressed_tensors/quantization/utils/
-fp4_utils.py). The sign bit is ``signbit(w)``, so -0.0 and small negatives that round to zero are
-stored as code 8, as compressed-tensors' ``pack_fp4_to_uint8`` does.
+fp4_utils.py). The sign bit is set iff ``w < 0``: a small negative that rounds to zero is stored
+as code 8 (-0.0) and a -0.0 weight as code 0 (+0.0), exactly what compressed-tensors' compressor
+writes (``cast_to_fp4`` multiplies by ``torch.sign(x)``, which is +0 for -0.0, then
+``pack_fp4_to_uint8`` takes ``signbit``). (ModelOpt's ``cast_fp4`` differs: it sets the sign bit
+for every zero.)
 
 Two 4-bit codes share a byte, the even element in the low nibble (compressed-tensors
 ``pack_fp4_to_uint8`` in compressors/nvfp4/helpers.py, and gpt-oss ``*_blocks`` tensors read by
@@ -172,7 +175,7 @@ def e2m1_encode(x: Tensor, max_index: Tensor | None = None) -> Tensor:
     mag = torch.bucketize(x.abs(), _e2m1_bounds(x.device), out_int32=True).to(torch.uint8)
     if max_index is not None:
         mag = torch.minimum(mag, max_index)
-    return mag | (torch.signbit(x).to(torch.uint8) << 3)
+    return mag | ((x < 0).to(torch.uint8) << 3)
 
 
 _VALUES_CACHE: dict[torch.device, Tensor] = {}
