@@ -144,8 +144,13 @@ def write_hf_checkpoint(
         items = list(tensors)
         if shards < 1:
             raise ValueError(f"write_hf_checkpoint: shards must be >= 1, got {shards}")
-        total = sum(t.numel() * t.element_size() for _, t in items)
-        max_shard_bytes = max(1, -(-total // shards))
+        total = max(1, sum(t.numel() * t.element_size() for _, t in items))
+        # Tensor i goes to shard floor(bytes before i * N / total): N shards of about equal size
+        # (fewer only when there are fewer tensors than shards).
+        target, cum = [], 0
+        for _, t in items:
+            target.append(min(shards - 1, cum * shards // total))
+            cum += t.numel() * t.element_size()
         tensors = iter(items)
     # Shards are written as soon as they are full (under temporary names, since N is only known
     # at the end), then renamed to model-0000i-of-0000N.safetensors.
@@ -164,7 +169,9 @@ def write_hf_checkpoint(
             raise ValueError(f"write_hf_checkpoint: tensor {name!r} given twice")
         seen.add(name)
         nbytes = t.numel() * t.element_size()
-        if group and size + nbytes > max_shard_bytes:
+        full = (target[len(seen) - 1] != target[len(seen) - 2]) if shards is not None \
+            else size + nbytes > max_shard_bytes
+        if group and full:
             flush()
             group, size = {}, 0
         group[name] = t.detach().contiguous().cpu()

@@ -1,0 +1,89 @@
+"""Test helpers: tiny, deterministic Hugging Face checkpoints built from a config (no downloads).
+
+``make_tiny_hf_checkpoint("qwen3_moe", tmp_path / "hf")`` instantiates the transformers model of
+``recipes/models/tiny-qwen3-moe/config.json`` with a fixed seed and saves it the way
+``save_pretrained`` does (HF tensor names, per-expert ``mlp.experts.{e}.gate_proj`` layout for
+Qwen3-MoE, ``config.json``, ``generation_config.json``), re-sharded into exactly ``shards``
+safetensors files plus ``model.safetensors.index.json``.
+
+transformers initialises RMSNorm weights to exactly 1 and some routers to 0. A parity test on
+such a model cannot see a swapped q/k norm or a broken router, so every parameter that comes out
+*constant* is redrawn: 1-D ones as ``1 + 0.1 * N(0, 1)``, others as ``N(0, initializer_range)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from int4_qat.arch.hf_io import HFCheckpointReader, write_hf_checkpoint
+
+__all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "make_tiny_hf_checkpoint",
+           "build_tiny_hf_model"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIGS_DIR = REPO_ROOT / "recipes" / "models"
+
+
+def tiny_config_dir(model_type_or_config_dir: str | os.PathLike) -> Path:
+    """A directory holding a tiny ``config.json``: the argument itself if it is one, else the
+    ``recipes/models/tiny-*/`` directory whose config has that ``model_type``."""
+    p = Path(model_type_or_config_dir)
+    if (p / "config.json").is_file():
+        return p
+    found = []
+    for cfg in sorted(TINY_CONFIGS_DIR.glob("tiny-*/config.json")):
+        if json.loads(cfg.read_text()).get("model_type") == str(model_type_or_config_dir):
+            found.append(cfg.parent)
+    if not found:
+        known = sorted(json.loads(c.read_text()).get("model_type", "?")
+                       for c in TINY_CONFIGS_DIR.glob("tiny-*/config.json"))
+        raise ValueError(f"no tiny config for {str(model_type_or_config_dir)!r}: not a directory "
+                         f"with config.json, nor a model_type in {TINY_CONFIGS_DIR} ({known})")
+    return found[0]
+
+
+def build_tiny_hf_model(config_dir: str | os.PathLike, seed: int = 0):
+    """The transformers ``*ForCausalLM`` for ``config_dir`` in fp32, seeded, with constant
+    parameters redrawn (see module docstring). Returns the model in eval mode."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(config_dir))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    std = float(getattr(config, "initializer_range", 0.02))
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(1 + 0.1 * noise if p.ndim == 1 else std * noise)
+    return model.eval()
+
+
+def make_tiny_hf_checkpoint(model_type_or_config_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                            seed: int = 0, dtype: torch.dtype = torch.bfloat16,
+                            shards: int = 2) -> Path:
+    """Write a tiny HF checkpoint (``shards`` safetensors + index, config, generation config)
+    to ``out_dir`` and return it. Deterministic in ``seed``."""
+    cfg_dir = tiny_config_dir(model_type_or_config_dir)
+    model = build_tiny_hf_model(cfg_dir, seed).to(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        # save_pretrained applies transformers' checkpoint conversion (e.g. fused in-memory
+        # experts -> per-expert on-disk names), so the names are the hub's.
+        model.save_pretrained(tmp)
+        with HFCheckpointReader(tmp) as r:
+            tensors = [(n, r.get(n)) for n in sorted(r.keys())]
+        for extra in ("config.json", "generation_config.json"):
+            if (Path(tmp) / extra).is_file():
+                shutil.copy(Path(tmp) / extra, out / extra)
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    write_hf_checkpoint(tensors, out, shards=shards)
+    return out
