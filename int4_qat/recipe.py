@@ -237,9 +237,6 @@ class TrainSection(_Section):
                              f"train.micro_batch ({self.micro_batch})")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr ({self.min_lr}) must not exceed train.lr ({self.lr})")
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must not exceed "
-                             f"train.steps ({self.steps})")
         return self
 
     def data_paths(self) -> list[Path]:
