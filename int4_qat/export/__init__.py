@@ -1,0 +1,26 @@
+"""Export a BF16 (or QAT-trained) MoE checkpoint to packed 4-bit formats that servers load.
+
+- :func:`export_checkpoint` — HF BF16 dir or training checkpoint → compressed-tensors
+  ``pack-quantized`` (INT4 W4A16), ``mxfp4-pack-quantized`` / gpt-oss native MXFP4, or
+  ``nvfp4-pack-quantized``; streaming, bounded memory, atomic (see :mod:`.pipeline`).
+- :func:`verify_export` — checks an export with the consumers' own readers (see :mod:`.verify`).
+- :func:`train_infer_consistency` — |Δ logprob| and KL between the training model and the
+  served export (see :mod:`.consistency`).
+
+Entry points: ``tools/export.py``, ``tools/verify_export.py``.
+"""
+from int4_qat.export.pipeline import ExportResult, export_checkpoint
+
+__all__ = ["ExportResult", "export_checkpoint", "verify_export", "train_infer_consistency"]
+
+
+def __getattr__(name):  # lazy: verification pulls in transformers / compressed-tensors
+    if name == "verify_export":
+        from int4_qat.export.verify import verify_export
+
+        return verify_export
+    if name == "train_infer_consistency":
+        from int4_qat.export.consistency import train_infer_consistency
+
+        return train_infer_consistency
+    raise AttributeError(name)

@@ -1,0 +1,193 @@
+"""Reading an HF BF16 checkpoint directory safely: safetensors only, index checked, lazily.
+
+An HF checkpoint is ``config.json`` plus either one ``model.safetensors`` or shards
+``model-0000i-of-0000N.safetensors`` listed by ``model.safetensors.index.json``
+(``{"metadata": {...}, "weight_map": {tensor_name: shard_file}}``). Before any output is
+produced, :func:`open_hf_source` checks what can be checked from headers alone:
+
+- pickled weights (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``) are refused, never loaded: a
+  pickle can run code on load;
+- every shard parses (a truncated file fails ``safe_open`` or has a data section shorter than
+  its header announces);
+- the index and the shards agree exactly (a tensor in a shard but not in the index, or in the
+  index but not in its shard, is an error naming the tensor).
+
+Tensors are then read one at a time (:meth:`HFSource.read`), so memory stays bounded by the
+tensors in flight.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+__all__ = ["HFSource", "ShardInfo", "TensorInfo", "open_hf_source", "SIDE_FILES", "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Files copied verbatim beside the weights (tokenizer, generation defaults, chat template).
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shard: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class ShardInfo:
+    path: str
+    tensors: list[TensorInfo] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return os.path.getsize(self.path)
+
+
+@dataclass
+class HFSource:
+    """A validated HF checkpoint directory: config, shards in order, tensor metadata."""
+
+    root: str
+    config: dict
+    shards: list[ShardInfo]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "")
+
+    def tensors(self) -> list[TensorInfo]:
+        return [t for s in self.shards for t in s.tensors]
+
+    def read(self, handle, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or rows ``[a, b)`` of dim 0) from an open ``safe_open`` handle."""
+        try:
+            if rows is None:
+                return handle.get_tensor(info.name)
+            return handle.get_slice(info.name)[rows[0]:rows[1]]
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"{info.shard}: cannot read tensor {info.name}: {e}") from e
+
+
+def _header(path: str) -> dict:
+    """Parse a safetensors header and check the file holds all the bytes it announces."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: corrupt safetensors header: {e}") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(
+            f"{path}: truncated safetensors file: tensors need {8 + n + end} bytes, file has {size}"
+        )
+    return header
+
+
+def _shard_info(path: str) -> ShardInfo:
+    header = _header(path)
+    try:  # the library's own parser must accept it too
+        with safe_open(path, "pt") as f:
+            names = list(f.keys())
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file: {e}") from e
+    info = ShardInfo(path)
+    for name in names:
+        h = header[name]
+        if h["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {h['dtype']}")
+        info.tensors.append(TensorInfo(name, _DTYPES[h["dtype"]], tuple(h["shape"]), os.path.basename(path)))
+    return info
+
+
+def open_hf_source(root: str) -> HFSource:
+    """Validate ``root`` as an HF safetensors checkpoint; raise ``ValueError`` naming the problem."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise ValueError(f"input {root} is not a directory")
+    cfg_path = os.path.join(root, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"input {root} has no config.json (expected an HF checkpoint directory)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    if "quantization_config" in config:
+        raise ValueError(
+            f"{cfg_path}: input is already quantized ({config['quantization_config'].get('quant_method')}); "
+            "export needs the BF16 checkpoint"
+        )
+    pickles = sorted(p for p in os.listdir(root) if p.endswith(PICKLE_SUFFIXES))
+    st_files = sorted(glob.glob(os.path.join(root, "*.safetensors")))
+    if pickles:
+        raise ValueError(
+            f"input {root} contains pickled weights {pickles[:3]}: refusing to load pickles "
+            "(they can execute code). Convert them to safetensors first, e.g. "
+            "model.save_pretrained(dir, safe_serialization=True) in a trusted environment."
+        )
+    if not st_files:
+        raise ValueError(f"input {root} has no *.safetensors weights")
+    index_path = os.path.join(root, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map: dict[str, str] = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        for fn in files:
+            if not os.path.isfile(os.path.join(root, fn)):
+                raise ValueError(f"{index_path}: shard {fn} (of tensor "
+                                 f"{next(k for k, v in weight_map.items() if v == fn)}) does not exist")
+        shards = [_shard_info(os.path.join(root, fn)) for fn in files]
+        seen: set[str] = set()
+        for s in shards:
+            for t in s.tensors:
+                listed = weight_map.get(t.name)
+                if listed != t.shard:
+                    raise ValueError(
+                        f"{index_path}: tensor {t.name} is in shard {t.shard} but the index "
+                        f"{'maps it to ' + listed if listed else 'has no entry for it'}"
+                    )
+                seen.add(t.name)
+        missing = sorted(set(weight_map) - seen)
+        if missing:
+            raise ValueError(f"{index_path}: tensor {missing[0]} is listed but absent from its shard "
+                             f"{weight_map[missing[0]]} ({len(missing)} missing)")
+    elif len(st_files) == 1:
+        shards = [_shard_info(st_files[0])]
+    else:
+        raise ValueError(f"input {root} has {len(st_files)} safetensors files but no model.safetensors.index.json")
+    return HFSource(root, config, shards)

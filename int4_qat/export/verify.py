@@ -1,0 +1,300 @@
+"""Verify an export with the *consumers'* code, not ours.
+
+Our packing could be self-consistent and still wrong for a server. So every check here reads the
+export the way a consumer does and compares with the reference BF16 checkpoint:
+
+``packed``      each packed module is decompressed by compressed-tensors' own compressor
+                (``BaseCompressor.get_value_from_registry(format).decompress`` — the function
+                transformers' ``CompressedTensorsDequantize`` calls, compressors/*/base.py) using
+                the ``QuantizationScheme`` parsed from the export's own ``config.json``; the
+                result must equal ``scheme.fake_quantize(reference weight)`` **exactly**
+                (``torch.equal``): what training saw is what the server computes.
+``gpt-oss``     native MXFP4 ``*_blocks`` / ``*_scales`` are dequantized by transformers'
+                ``integrations.mxfp4.convert_moe_packed_tensors``; exact as above.
+``copied``      every tensor that is not packed is byte-identical to the reference.
+``names``       no reference tensor missing, no extra export tensor, index ↔ shards consistent.
+``ignore``      compressed-tensors' ``match_name`` applied to the generated ignore list: every
+                unquantized Linear is ignored, no quantized one is; router / embeddings / norms /
+                lm_head are never packed.
+``logits``      (small models) transformers ``AutoModelForCausalLM`` loads the export
+                (compressed-tensors, or ``Mxfp4Config(dequantize=True)`` on CPU) and its logits are
+                compared with the reference model whose quantized weights were replaced by their
+                fake-quantized values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+
+from int4_qat.export import convert as cv
+from int4_qat.export.pipeline import EXPORT_META
+from int4_qat.export.source import open_hf_source
+from int4_qat.export.writer import INDEX_NAME
+
+__all__ = ["Check", "VerifyReport", "verify_export", "load_export_model", "fake_quantized_reference"]
+
+
+@dataclass
+class Check:
+    name: str
+    count: int = 0
+    failures: list[str] = field(default_factory=list)
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def fail(self, msg: str) -> None:
+        self.failures.append(msg)
+
+
+@dataclass
+class VerifyReport:
+    checks: list[Check]
+    max_logit_diff: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def table(self) -> str:
+        rows = [("check", "items", "result", "detail")]
+        for c in self.checks:
+            res = "OK" if c.ok else f"FAIL ({len(c.failures)})"
+            detail = c.detail if c.ok else "; ".join(c.failures[:3])
+            rows.append((c.name, str(c.count), res, detail))
+        w = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:<{w[2]}}  {r[3]}" for r in rows]
+        lines.insert(1, "-" * max(len(x) for x in lines))
+        return "\n".join(lines)
+
+
+class _ExportReader:
+    """The export's tensors via its index (read with ``safetensors.safe_open``)."""
+
+    def __init__(self, root: str, names: Check):
+        self.root = root
+        index_path = os.path.join(root, INDEX_NAME)
+        if not os.path.isfile(index_path):
+            raise ValueError(f"{root}: no {INDEX_NAME}: not a complete export (interrupted, or not an export)")
+        with open(index_path) as f:
+            self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        self.handles = {}
+        present: set[str] = set()
+        for fn in sorted(set(self.weight_map.values())):
+            h = safe_open(os.path.join(root, fn), "pt")
+            self.handles[fn] = h
+            for k in h.keys():
+                present.add(k)
+                if self.weight_map.get(k) != fn:
+                    names.fail(f"{fn}: {k} not in index")
+        for k in set(self.weight_map) - present:
+            names.fail(f"index lists {k} but {self.weight_map[k]} lacks it")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handles[self.weight_map[name]].get_tensor(name)
+
+
+def _load_scheme(export_dir: str):
+    from int4_qat.scheme import QuantScheme
+
+    path = os.path.join(export_dir, EXPORT_META)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} missing: the export was not written by tools/export.py, so the scheme "
+                         "that must reproduce it is unknown")
+    with open(path) as f:
+        return QuantScheme.from_dict(json.load(f)["scheme"])
+
+
+def _ct_config(qc: dict):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    return QuantizationConfig.model_validate(qc)
+
+
+def _ct_scheme_for(ct_cfg, module: str):
+    """The config group compressed-tensors would apply to Linear ``module`` (None if ignored)."""
+    from compressed_tensors.utils.match import match_name
+
+    if any(match_name(module, ign) for ign in ct_cfg.ignore or []):
+        return None
+    for group in ct_cfg.config_groups.values():
+        if "Linear" in group.targets or any(match_name(module, t) for t in group.targets):
+            return group
+    return None
+
+
+def _decompress_ct(ct_cfg, ct_scheme, module: str, reader: _ExportReader) -> torch.Tensor:
+    from compressed_tensors.compressors import BaseCompressor
+
+    fmt = ct_scheme.format or ct_cfg.format
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    sd = {}
+    for local in ("weight_packed", "weight_scale", "weight_shape", "weight_global_scale", "weight_zero_point"):
+        if f"{module}.{local}" in reader:
+            sd[local] = reader.get(f"{module}.{local}")
+    return compressor.decompress(sd, ct_scheme)["weight"]
+
+
+def verify_export(reference: str, export: str, *, logits: bool | None = None, max_logit_params: int = 50_000_000,
+                  seq_len: int = 24, logit_tol: float = 1e-4) -> VerifyReport:
+    """Run all checks; ``logits=None`` runs the model comparison when the model is small."""
+    ref = open_hf_source(reference)
+    scheme = _load_scheme(export)
+    with open(os.path.join(export, "config.json")) as f:
+        ecfg = json.load(f)
+    qc = ecfg.get("quantization_config")
+    names, packed, gptoss, copied, ignore = (Check("names/index"), Check("packed (compressed-tensors)"),
+                                             Check("packed (transformers gpt-oss)"), Check("copied bytes"),
+                                             Check("ignore list"))
+    if qc is None:
+        raise ValueError(f"{export}/config.json has no quantization_config")
+    native = qc.get("quant_method") == "mxfp4"
+    ct_cfg = None if native else _ct_config(qc)
+    reader = _ExportReader(export, names)
+    expected: set[str] = set()
+    from compressed_tensors.utils.match import match_name
+
+    for info in ref.tensors():
+        plan = cv.plan_tensor(info.name, info.dtype, info.shape, scheme, ref.model_type)
+        expected.update(s.name for s in plan.outputs)
+        missing = [s.name for s in plan.outputs if s.name not in reader]
+        if missing:
+            names.fail(f"{info.name}: export lacks {missing}")
+            continue
+        names.count += 1
+        with safe_open(os.path.join(ref.root, info.shard), "pt") as h:
+            w = h.get_tensor(info.name)
+        if plan.kind == "copy":
+            copied.count += 1
+            got = reader.get(info.name)
+            if got.dtype != w.dtype or got.shape != w.shape or not torch.equal(
+                    got.contiguous().view(-1).view(torch.uint8), w.contiguous().view(-1).view(torch.uint8)):
+                copied.fail(f"{info.name} differs")
+            mod = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
+            if ct_cfg is not None and mod and w.dim() == 2 and w.dtype.is_floating_point:
+                ignore.count += 1
+                if not any(match_name(mod, ig) for ig in ct_cfg.ignore or []):
+                    ignore.fail(f"{mod} is not packed but not ignored")
+            continue
+        if cv.never_quantized(plan.module):
+            ignore.fail(f"{plan.module} (router/embedding/norm/lm_head) is packed")
+        if plan.kind == "gpt_oss":
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            gptoss.count += 1
+            served = convert_moe_packed_tensors(reader.get(f"{info.name}_blocks"), reader.get(f"{info.name}_scales"),
+                                                dtype=torch.bfloat16)
+            want = scheme.fake_quantize(w.transpose(-1, -2).contiguous(), info.name).transpose(-1, -2)
+            if not torch.equal(served, want.to(served.dtype)):
+                gptoss.fail(f"{info.name}: max |Δ| {(served.float() - want.float()).abs().max().item():.3g}")
+            continue
+        packed.count += 1
+        ignore.count += 1
+        ct_scheme = _ct_scheme_for(ct_cfg, plan.module)
+        if ct_scheme is None:
+            ignore.fail(f"{plan.module} is packed but ignored by quantization_config")
+            continue
+        served = _decompress_ct(ct_cfg, ct_scheme, plan.module, reader)
+        want = scheme.fake_quantize(w, plan.module)
+        if served.shape != want.shape or not torch.equal(served, want.to(served.dtype)):
+            diff = (served.float() - want.float()).abs().max().item() if served.shape == want.shape else "shape"
+            packed.fail(f"{plan.module}: served != fake_quantize (max |Δ| {diff})")
+    for extra in sorted(set(reader.weight_map) - expected)[:5]:
+        names.fail(f"unexpected export tensor {extra}")
+    names.detail = f"{len(reader.weight_map)} export tensors"
+    packed.detail = "decompress == fake_quantize, bit-exact"
+    gptoss.detail = packed.detail
+    copied.detail = "byte-identical"
+    ignore.detail = f"{len(qc.get('ignore', qc.get('modules_to_not_convert', [])))} entries, router never packed"
+    checks = [names, packed if not native else gptoss, copied, ignore]
+    report = VerifyReport(checks)
+    n_params = sum(t.nbytes // t.dtype.itemsize for t in ref.tensors())
+    if logits or (logits is None and n_params <= max_logit_params):
+        lc = Check("logits (transformers load)")
+        try:
+            diff, top1 = _compare_logits(ref.root, export, scheme, ref.model_type, seq_len)
+            report.max_logit_diff = diff
+            lc.count = 1
+            lc.detail = f"max |Δ logit| {diff:.3g}, top-1 agree {top1:.3f}"
+            if not diff <= logit_tol:
+                lc.fail(f"max |Δ logit| {diff:.3g} > {logit_tol:g}")
+        except Exception as e:  # report, do not crash: this is a consumer-side load
+            lc.fail(f"{type(e).__name__}: {e}")
+        checks.append(lc)
+    return report
+
+
+def fake_quantized_reference(reference: str, out_dir: str, scheme) -> str:
+    """Write a copy of ``reference`` whose quantized weights are ``scheme.fake_quantize``-d (bf16)."""
+    from safetensors.torch import save_file
+    import shutil
+
+    ref = open_hf_source(reference)
+    for fn in os.listdir(ref.root):
+        if fn.endswith(".json") and fn != INDEX_NAME or fn.startswith("tokenizer"):
+            shutil.copy2(os.path.join(ref.root, fn), os.path.join(out_dir, fn))
+    weight_map = {}
+    for i, shard in enumerate(ref.shards):
+        tensors = {}
+        with safe_open(shard.path, "pt") as h:
+            for info in shard.tensors:
+                w = h.get_tensor(info.name)
+                plan = cv.plan_tensor(info.name, info.dtype, info.shape, scheme, ref.model_type)
+                if plan.kind == "pack":
+                    w = scheme.fake_quantize(w, plan.module)
+                elif plan.kind == "gpt_oss":
+                    w = scheme.fake_quantize(w.transpose(-1, -2).contiguous(), info.name).transpose(-1, -2).contiguous()
+                tensors[info.name] = w
+        fn = f"model-{i + 1:05d}-of-{len(ref.shards):05d}.safetensors"
+        save_file(tensors, os.path.join(out_dir, fn), metadata={"format": "pt"})
+        weight_map.update({k: fn for k in tensors})
+    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return out_dir
+
+
+def load_export_model(export: str, dtype: torch.dtype = torch.float32):
+    """Load an export with transformers the way a CPU consumer does (dequantizing on load)."""
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(export, "config.json")) as f:
+        qc = json.load(f)["quantization_config"]
+    if qc.get("quant_method") == "mxfp4":
+        from transformers import Mxfp4Config
+
+        qcfg = Mxfp4Config(dequantize=True)
+    else:
+        from transformers.utils.quantization_config import CompressedTensorsConfig
+
+        qcfg = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=dtype, quantization_config=qcfg).eval()
+    # transformers' CompressedTensorsDequantize (integrations/compressed_tensors.py) returns the
+    # fused MoE expert stacks in the decompressed dtype (bf16) instead of the requested dtype, so
+    # the experts would silently run in bf16: cast (exact, bf16 -> fp32) so every param is `dtype`.
+    return model.to(dtype)
+
+
+def _compare_logits(reference: str, export: str, scheme, model_type: str, seq_len: int) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory(prefix="fq-ref-") as tmp:
+        fake_quantized_reference(reference, tmp, scheme)
+        ref_model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    exp_model = load_export_model(export)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ref_model.config.vocab_size, (2, seq_len), generator=g)
+    with torch.no_grad():
+        a = ref_model(ids).logits.float()
+        b = exp_model(ids).logits.float()
+    return (a - b).abs().max().item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()

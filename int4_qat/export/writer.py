@@ -1,0 +1,220 @@
+"""Streaming safetensors writer: bounded memory, temp dir, atomic publish, index last.
+
+A safetensors file is ``[u64 little-endian header length][JSON header][raw tensor bytes]``; the
+header maps every tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets
+relative to the start of the data section) plus an optional ``"__metadata__"`` string map. The
+header is padded with spaces to a multiple of 8 bytes, as the ``safetensors`` library does
+(safetensors/src/tensor.rs, ``prepare``), so readers can align the data section.
+
+Because every output tensor's dtype and shape is known *before* it is computed (packing is a pure
+function of the input shape, see :mod:`int4_qat.export.convert`), :class:`ShardWriter` writes the
+header first and then streams tensors into the file in header order, one at a time: peak memory
+is the tensors in flight, never a whole shard.
+
+:class:`ExportDir` owns the output directory life cycle:
+
+1. everything is written into ``<output>.tmp-<random>/`` *beside* the output (same filesystem,
+   so the final rename is atomic);
+2. shards are written, then side files (config.json, tokenizer files, ...), then
+   ``model.safetensors.index.json`` is written **last**;
+3. the temp dir is renamed to ``<output>`` (``os.replace``). On any exception the temp dir is
+   deleted, so an interrupted or failed export never leaves a completed-looking directory: a
+   reader that sees ``<output>/model.safetensors.index.json`` sees a finished export. A process
+   killed with SIGKILL can leave a ``*.tmp-*`` directory, which is never mistaken for an export
+   and is removed by the next export to the same output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "TensorSpec",
+    "ShardWriter",
+    "ExportDir",
+    "INDEX_NAME",
+    "shard_name",
+]
+
+INDEX_NAME = "model.safetensors.index.json"
+
+# torch dtype -> safetensors dtype tag (safetensors/src/tensor.rs `Dtype`)
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def shard_name(i: int, n: int) -> str:
+    """HF shard naming (``transformers.utils.hub``): ``model-00001-of-00003.safetensors``."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one output tensor, known before its data is computed."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardWriter:
+    """Write one safetensors file whose tensors are announced up front and streamed in order.
+
+    >>> w = ShardWriter(path, [TensorSpec("a", torch.bfloat16, (2, 3))])
+    >>> w.write("a", tensor)      # in the announced order; dtype and shape are checked
+    >>> w.close()                 # checks that every announced tensor was written
+    """
+
+    def __init__(self, path: str, specs: Iterable[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = path
+        self.specs = list(specs)
+        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for s in self.specs:
+            if s.dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{s.name}: dtype {s.dtype} cannot be stored in safetensors")
+            if s.name in header:
+                raise ValueError(f"{s.name}: tensor announced twice in shard {os.path.basename(path)}")
+            header[s.name] = {
+                "dtype": SAFETENSORS_DTYPES[s.dtype],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + s.nbytes],
+            }
+            offset += s.nbytes
+        self.data_bytes = offset
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(path, "wb")
+        self._f.write(len(raw).to_bytes(8, "little"))
+        self._f.write(raw)
+        self._next = 0
+        self._written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor`` (the whole announced tensor, or the next chunk of its dim 0)."""
+        if self._next >= len(self.specs):
+            raise RuntimeError(f"{self.path}: unexpected extra tensor {name!r}")
+        spec = self.specs[self._next]
+        if (name != spec.name or tensor.dtype != spec.dtype or tensor.dim() != len(spec.shape)
+                or tuple(tensor.shape[1:]) != spec.shape[1:]):
+            raise RuntimeError(
+                f"{self.path}: expected {spec.name} {spec.dtype} {list(spec.shape)}, got {name} "
+                f"{tensor.dtype} {list(tensor.shape)} (converter planned a different layout)"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._written += data.numel()
+        if self._written > spec.nbytes:
+            raise RuntimeError(f"{self.path}: more data than announced for {spec.name} {list(spec.shape)}")
+        self._f.write(memoryview(data.numpy()))
+        if self._written == spec.nbytes:
+            self._next += 1
+            self._written = 0
+
+    def close(self) -> None:
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next:]]
+            self._f.close()
+            raise RuntimeError(f"{self.path}: tensors announced but not written: {missing[:5]}")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+@dataclass
+class ExportDir:
+    """Temp dir beside ``output``; :meth:`commit` writes the index last and renames into place.
+
+    Use as a context manager: leaving the block with an exception removes the temp dir.
+    ``overwrite=False`` refuses an existing non-empty ``output`` before anything is written.
+    """
+
+    output: str
+    overwrite: bool = False
+    tmp: str = field(init=False, default="")
+    weight_map: dict[str, str] = field(init=False, default_factory=dict)
+    total_size: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.output = os.path.abspath(self.output)
+        if os.path.exists(self.output) and not self.overwrite:
+            if not os.path.isdir(self.output) or os.listdir(self.output):
+                raise ValueError(
+                    f"output {self.output} already exists and is not empty; choose another "
+                    "directory or pass --overwrite"
+                )
+
+    def __enter__(self) -> "ExportDir":
+        parent = os.path.dirname(self.output)
+        os.makedirs(parent, exist_ok=True)
+        base = os.path.basename(self.output)
+        for stale in os.listdir(parent):  # leftovers of a killed export to the same output
+            if stale.startswith(f".{base}.tmp-"):
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self.tmp and os.path.isdir(self.tmp):
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+    def record_shard(self, fname: str, specs: Iterable[TensorSpec]) -> None:
+        for s in specs:
+            if s.name in self.weight_map:
+                raise ValueError(f"tensor {s.name} written twice ({self.weight_map[s.name]}, {fname})")
+            self.weight_map[s.name] = fname
+            self.total_size += s.nbytes
+
+    def commit(self, extra_metadata: dict | None = None) -> str:
+        """Write the index (last), then atomically move the temp dir to ``output``."""
+        index = {
+            "metadata": {"total_size": self.total_size, **(extra_metadata or {})},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        tmp_index = self.path(INDEX_NAME + ".partial")
+        with open(tmp_index, "w") as f:
+            json.dump(index, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_index, self.path(INDEX_NAME))
+        if os.path.exists(self.output):
+            old = self.output + ".old-" + os.path.basename(self.tmp)
+            os.replace(self.output, old)
+            os.replace(self.tmp, self.output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.output)
+        self.tmp = ""
+        return self.output
