@@ -99,7 +99,9 @@ def _quantizer_glob(weight_glob: str) -> str:
     # "<param>_weight_quantizer(s)" on the experts module; linears own "<module>.weight_quantizer".
     # ModelOpt normalises "weight_quantizers.3" / "weight_quantizer.3" (per-expert lists) to
     # "weight_quantizer" before matching (modelopt/torch/quantization/conversion.py).
-    if weight_glob.endswith(("experts.gate_up_proj", "experts.down_proj")):
+    from int4_qat.scheme import HF_FUSED_EXPERT_GLOBS
+
+    if weight_glob in HF_FUSED_EXPERT_GLOBS:
         return weight_glob + "_weight_quantizer"
     return weight_glob + ".weight_quantizer"
 
@@ -185,6 +187,17 @@ def apply_scheme(scheme: "QuantScheme", model: torch.nn.Module) -> torch.nn.Modu
         # Give each quantizer its own args dict carrying the weight's name, so a format error
         # (non-finite value, K not divisible by the group) names the tensor.
         quantizer.backend_extra_args = {**quantizer.backend_extra_args, "name": wname}
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    for name, mod in model.named_modules():  # ...and the other direction: claimed => enabled
+        wq = getattr(mod, "weight_quantizer", None)
+        if isinstance(wq, TensorQuantizer) and not wq.is_enabled and (
+            scheme.quantizes_megatron(name) or scheme.quantizes_hf(name)
+        ):
+            raise RuntimeError(
+                f"{scheme.describe()} quantizes {name} but its ModelOpt weight quantizer is "
+                "disabled; the glob lists in int4_qat/scheme.py and the quant_cfg disagree"
+            )
     return model
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "MEGATRON_EXPERT_GLOBS",
     "MEGATRON_NON_EXPERT_GLOBS",
     "HF_EXPERT_GLOBS",
+    "HF_FUSED_EXPERT_GLOBS",
     "HF_NON_EXPERT_GLOBS",
     "NEVER_QUANTIZED_GLOBS",
 ]
@@ -119,6 +120,8 @@ HF_EXPERT_GLOBS = (
     "*mlp.experts.gate_up_proj",
     "*mlp.experts.down_proj",
 )
+# Fused 3-D expert parameters: ModelOpt names their quantizers "<param>_weight_quantizer(s)".
+HF_FUSED_EXPERT_GLOBS = frozenset({"*mlp.experts.gate_up_proj", "*mlp.experts.down_proj"})
 HF_NON_EXPERT_GLOBS = (
     "*mlp.shared_experts.gate_proj",  # deepseek_v3
     "*mlp.shared_experts.up_proj",
