@@ -55,6 +55,7 @@ __all__ = [
     "unpack_nibbles",
     "straight_through",
     "require_key",
+    "true_div",
 ]
 
 #: Largest finite bfloat16 (2^127 * (2 - 2^-7) = 3.3895e38). The served weight of every format is
@@ -140,6 +141,17 @@ def check_finite(amax: Tensor, name: str) -> None:
     """``amax`` is a reduction of |w|; a NaN or Inf anywhere in ``w`` shows up in it."""
     if not bool(torch.isfinite(amax).all()):
         raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
+
+
+def true_div(x: Tensor, divisor: float) -> Tensor:
+    """``x / divisor``, correctly rounded on every device.
+
+    CUDA evaluates ``tensor / python_scalar`` as ``tensor * (1 / scalar)`` (PyTorch
+    aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu, "may lose one bit of precision"), while the
+    CPU divides. Dividing by a 0-dim tensor on ``x``'s own device takes the true-division kernel on
+    both, so a scale computed on a GPU during training equals the one computed on a CPU at export.
+    """
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
 
 
 def group_view(w: Tensor, group_size: int) -> Tensor:

@@ -13,7 +13,7 @@ Scale rules (``scale_rule=``)
 ``calculate_qparams``: amax / (bit_range / 2)): ``s = amax / 7.5``, ``q`` in [-8, 7]; a zero scale
 is replaced by bf16's eps as compressed-tensors does.
 
-Both rules compute ``amax / c`` in float32, then round the scale to **bf16** (round-to-nearest-
+Both rules compute ``amax / c`` in float32 (a true division on every device), then round the scale to **bf16** (round-to-nearest-
 even), then compute ``q = clamp(round_half_even(w_fp32 / s_bf16), qmin, qmax)``. Computing ``q``
 from the bf16-rounded scale, i.e. the scale that is stored, removes the train/serve mismatch of
 the reference system (fake quant with the fp32 scale, export with the bf16 one).
@@ -57,6 +57,7 @@ from int4_qat.formats._common import (
     pack_nibbles,
     require_key,
     straight_through,
+    true_div,
     unpack_nibbles,
 )
 
@@ -111,7 +112,7 @@ def _scales_and_codes(w: Tensor, group_size: int, scale_rule: str, name: str):
     wg = group_view(w, group_size).float()
     amax = wg.abs().amax(dim=-1)
     check_finite(amax, name)
-    s = amax / divisor
+    s = true_div(amax, divisor)
     if scale_rule == "amax/7":
         s = s.clamp_min(SCALE_FLOOR)
     s = s.to(torch.bfloat16)

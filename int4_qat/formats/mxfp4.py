@@ -18,8 +18,9 @@ consumer computes ``value(code) * 2^(byte - 127)``. We evaluate the ceil exactly
 the float32 amax; a float32 amax is either exactly ``6 * 2^k`` or at least 2^-24 away from it),
 where ModelOpt's float32 ``log2`` can land one step low at such edges.
 
-Codes: ``x = w_fp32 / 2^e`` (exact: division by a power of two), then round to E2M1 with ties to
-even.
+Codes: ``x = w_fp32 / 2^e`` in float32 (exact, except that values below float32's subnormal range
+flush toward zero; they round to code 0 either way), then round to E2M1 with ties to even; the
+sign bit is ``x < 0``.
 
 The served weight (defined once)
 --------------------------------
@@ -81,9 +82,16 @@ _E_MIN, _E_MAX = -127, 127  # byte 0 .. 254; 255 is NaN in E8M0
 
 
 def _block_exponents(amax: Tensor) -> Tensor:
-    """amax (float32) -> e = ceil(log2(amax / 6)) clamped to [-127, 127], as int32."""
-    e = torch.ceil(torch.log2(amax.double() / 6.0))
-    return e.clamp(_E_MIN, _E_MAX).to(torch.int32)  # log2(0) = -inf -> -127
+    """amax (float32) -> e = ceil(log2(amax / 6)) clamped to [-127, 127], as int32, exactly.
+
+    With ``amax = m * 2^p`` (frexp, m in [0.5, 1)): ``amax / 6 = (m / 6) * 2^p`` and ``m / 6`` lies
+    in [2^-3.58, 2^-2.58), so ``ceil(log2(m / 6))`` is -3 for m <= 0.75 and -2 above. Integer
+    arithmetic only: no log2 rounding, identical on every device. amax = 0 gives -127.
+    """
+    m, p = torch.frexp(amax)
+    e = p - 3 + (m > 0.75).to(p.dtype)
+    e = torch.where(amax == 0, torch.full_like(e, _E_MIN), e)
+    return e.clamp(_E_MIN, _E_MAX).to(torch.int32)
 
 
 def _max_index(e: Tensor) -> Tensor:

@@ -12,9 +12,10 @@ Scale rule (compressed-tensors' convention)
 Following compressed-tensors (quantization/utils/helpers.py ``generate_gparam`` and
 ``calculate_qparams``), all in float32:
 
-* ``g = 448 * 6 / max(amax_matrix, tiny)``; a non-finite ``g`` (matrix amax below ~7.9e-36,
-  e.g. an all-zero matrix) becomes 1.0;
-* ``s = e4m3(clamp((amax_block / 6) * g, -448, 448))`` rounded to nearest even; a block scale
+* ``g = 448 * 6 / max(amax_matrix, tiny)``, evaluated as compressed-tensors' torch code does,
+  ``fl(fl(1 / amax) * 2688)``; a non-finite ``g`` (matrix amax below ~7.9e-36, e.g. an all-zero
+  matrix) becomes 1.0;
+* ``s = e4m3(clamp(fl(amax_block / 6) * g, -448, 448))`` (a true division on every device) rounded to nearest even; a block scale
   that rounds to 0 becomes 0.125 (compressed-tensors' E4M3 eps), which only happens in blocks
   whose codes are all zero anyway;
 * ``s_eff = float32(s) / g`` and ``q = E2M1(w_fp32 / s_eff)`` (ties to even, saturating at 6).
@@ -58,6 +59,7 @@ from int4_qat.formats._common import (
     pack_nibbles,
     require_key,
     straight_through,
+    true_div,
     unpack_nibbles,
 )
 
@@ -85,12 +87,14 @@ def _global_scale(amax_blocks: Tensor) -> Tensor:
     """Per-matrix float32 global scale ``[..., 1]`` from block amaxes ``[..., N, K/16]``."""
     amax = amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1)
     amax = amax.clamp(min=_TINY, max=BF16_MAX)
-    g = (E4M3_MAX * E2M1_MAX) / amax
+    # compressed-tensors writes ``448 * 6 / amax`` with a Python scalar numerator, which torch
+    # evaluates as ``amax.reciprocal() * 2688`` (Tensor.__rtruediv__): same ops here, bit for bit.
+    g = amax.reciprocal() * (E4M3_MAX * E2M1_MAX)
     return torch.where(torch.isfinite(g), g, torch.ones_like(g))
 
 
 def _block_scales(amax_blocks: Tensor, g: Tensor) -> Tensor:
-    s = ((amax_blocks / E2M1_MAX) * g.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
+    s = (true_div(amax_blocks, E2M1_MAX) * g.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
     s = s.to(torch.float8_e4m3fn).float()
     return torch.where(s == 0, torch.full_like(s, ZERO_SCALE), s).to(torch.float8_e4m3fn)
 
