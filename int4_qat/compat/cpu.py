@@ -292,19 +292,19 @@ def destroy_model_parallel() -> None:
 # their layer_spec when building the local (CPU) spec; it requires activate() to have run, so a
 # GPU process never gets them. Paths are relative to site-packages/megatron/core (0.16.1).
 #
-# 5. transformer/multi_latent_attention.py:55-65,181-185 -- without Transformer-Engine the
+# a. transformer/multi_latent_attention.py:55-65,181-185 -- without Transformer-Engine the
 #    ``extensions.transformer_engine`` import succeeds with TE mocked, so ``HAVE_TE`` is True and
 #    ``isinstance(self.linear_proj, TELinear)`` raises TypeError (TELinear is a MagicMock). We set
 #    that module's ``HAVE_TE = False`` (its only use is that fp8/fp4 check).
-# 6. models/common/embeddings/yarn_rotary_pos_embedding.py:76 and :120-126 -- MLA builds
+# b. models/common/embeddings/yarn_rotary_pos_embedding.py:76 and :120-126 -- MLA builds
 #    ``YarnRotaryEmbedding`` without ``use_cpu_initialization`` (multi_latent_attention.py:131), so
 #    its tables go to ``torch.cuda.current_device()``; ``get_emb`` moves them there again.
-# 7. transformer/moe/router.py:88-92 (``Router.gating`` moves weight/bias to the current CUDA
-#    device) and :163-181 (``TopKRouter`` creates ``expert_bias`` / ``local_tokens_per_expert`` on
-#    it): sigmoid routing with DeepSeek's e_score_correction_bias, and every router on CPU.
-# Shims 6-7 run the original function with ``torch.cuda.current_device`` answering "cpu" for the
+# c. transformer/moe/router.py:163-181 -- with ``moe_router_enable_expert_bias`` (DeepSeek's
+#    e_score_correction_bias) ``TopKRouter`` creates ``expert_bias`` / ``local_tokens_per_expert``
+#    on the current CUDA device.
+# Shims b-c run the original function with ``torch.cuda.current_device`` answering "cpu" for the
 # duration of the call -- nothing else in those bodies changes.
-# 8. transformer/dot_product_attention.py -- the local DotProductAttention refuses MLA's
+# d. transformer/dot_product_attention.py -- the local DotProductAttention refuses MLA's
 #    ``k_channels``/``v_channels`` (multi_latent_attention.py:153-164), sizes its output from
 #    ``kv_channels`` (wrong when v_head_dim differs), creates gpt-oss's learnable ``softmax_offset``
 #    on CUDA (:118-131) and builds the sliding-window mask with ``device="cuda"``
@@ -342,7 +342,7 @@ def _run_on_cpu(fn):
 
 
 def install_mla_gpt_oss_shims() -> None:
-    """Install shims 5-8 (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
+    """Install shims a-d (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
     if not _ACTIVE:
         raise RuntimeError("install_mla_gpt_oss_shims: call int4_qat.compat.cpu.activate() first "
                            "(the local spec is the CPU path; on GPU build with use_te=True)")
@@ -351,18 +351,17 @@ def install_mla_gpt_oss_shims() -> None:
     from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import router
 
-    mla.HAVE_TE = False                                                           # shim 5
+    mla.HAVE_TE = False                                                           # shim a
     # MLA with plain RoPE builds RotaryEmbedding without use_cpu_initialization too
     # (multi_latent_attention.py:123-128 -> rotary_pos_embedding.py:78).
     rpe.RotaryEmbedding.__init__ = _run_on_cpu(rpe.RotaryEmbedding.__init__)
-    yarn.YarnRotaryEmbedding.__init__ = _run_on_cpu(yarn.YarnRotaryEmbedding.__init__)  # 6
+    yarn.YarnRotaryEmbedding.__init__ = _run_on_cpu(yarn.YarnRotaryEmbedding.__init__)  # shim b
     yarn.YarnRotaryEmbedding.get_emb = _run_on_cpu(yarn.YarnRotaryEmbedding.get_emb)
-    router.Router.gating = _run_on_cpu(router.Router.gating)                      # shim 7
-    router.TopKRouter.__init__ = _run_on_cpu(router.TopKRouter.__init__)
+    router.TopKRouter.__init__ = _run_on_cpu(router.TopKRouter.__init__)          # shim c
 
 
 def use_local_core_attention(block_spec):
-    """Install shims 5-8 and put :class:`LocalCoreAttention` into every layer of a *local*
+    """Install shims a-d and put :class:`LocalCoreAttention` into every layer of a *local*
     decoder block spec (``get_gpt_decoder_block_spec(..., use_transformer_engine=False)``)."""
     install_mla_gpt_oss_shims()
     for layer_spec in block_spec.layer_specs:
@@ -371,7 +370,7 @@ def use_local_core_attention(block_spec):
 
 
 class LocalCoreAttention(_MegatronModule):
-    """Core attention ``softmax(q k^T * scale + mask [, sink]) v`` in plain torch (shim 8).
+    """Core attention ``softmax(q k^T * scale + mask [, sink]) v`` in plain torch (shim d).
 
     Inputs follow Megatron's layout: query ``[sq, b, heads, dk]``, key ``[sk, b, groups, dk]``,
     value ``[sk, b, groups, dv]`` (GQA groups are repeated to the heads); output
