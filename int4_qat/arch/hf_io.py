@@ -332,13 +332,20 @@ def _stage_items(slots: list[_Slot], arch: Arch) -> Iterator[list[tuple[str, tor
             yield list(zip(s.rule.hf_names(s.layer), s.rule.separate(arch, full)))
 
 
-def export_hf_state_dict(model, arch: Arch) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf_state_dict(model, arch: Arch, *, dtype: Optional[torch.dtype] = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full tensor)`` for the whole model, gathered across TP/EP/PP.
 
     Collective: every rank must iterate it to the end, in step; every rank receives the same
     stream (pipeline stages in order: embedding, layers by global index, final norm, lm_head;
-    experts of a layer in EP-gather order). Tensors are detached CPU copies in the model dtype.
+    experts of a layer in EP-gather order). Tensors are detached CPU copies in the parameter's
+    dtype, or cast to ``dtype`` when given (Megatron's torch norms stay fp32 in a bf16 model).
     """
+    for name, t in _export(model, arch):
+        yield name, (t if dtype is None else t.to(dtype))
+
+
+def _export(model, arch: Arch) -> Iterator[tuple[str, torch.Tensor]]:
     from megatron.core import parallel_state as ps
     import torch.distributed as dist
 

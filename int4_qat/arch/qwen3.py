@@ -61,6 +61,10 @@ def parse_qwen3(cfg: HFConfig) -> ArchParts:
     cfg.expect("attention_bias", [False], False, why="q/k/v/o biases are not mapped")
     cfg.expect("use_sliding_window", [False], False, why="sliding-window attention is not implemented")
     cfg.ignore("sliding_window", "max_window_layers")   # only used when use_sliding_window is true
+    layer_types = cfg.get("layer_types", None, list)     # transformers-5 writes it for qwen3
+    if layer_types is not None and set(layer_types) != {"full_attention"}:
+        raise ValueError(f"{cfg.path}: field 'layer_types' has {sorted(set(layer_types))}; only "
+                         "'full_attention' layers are supported")
     hidden = cfg.require("hidden_size", int)
     heads = cfg.require("num_attention_heads", int)
     layers = cfg.require("num_hidden_layers", int)
