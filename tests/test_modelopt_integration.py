@@ -208,3 +208,211 @@ def test_scope_matching_nothing_is_refused():
     model = nn.Sequential(nn.Linear(H, H), nn.Linear(H, H))  # no expert names at all
     with pytest.raises(Exception, match="(?i)quantiz"):
         QuantScheme(scope="experts").apply(model)
+
+
+# ------------------------------------------------------------------ Megatron-Core GPTModel (CPU)
+NUM_LAYERS, NUM_EXPERTS = 2, 4
+
+
+@pytest.fixture(scope="module")
+def megatron_cpu():
+    cpu = pytest.importorskip("int4_qat.compat.cpu")
+    cpu.init_single_process_gloo(seed=1234)
+    return cpu
+
+
+def _gpt_moe(seed=1234):
+    """Tiny Qwen3-MoE-like GPTModel: local spec, SequentialMLP experts + shared experts."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(
+        num_layers=NUM_LAYERS, hidden_size=H, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=2 * H, num_moe_experts=NUM_EXPERTS, moe_router_topk=2,
+        moe_ffn_hidden_size=I, moe_shared_expert_intermediate_size=I,
+        moe_token_dispatcher_type="allgather", use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm", qk_layernorm=True,
+        add_bias_linear=False, gated_linear_unit=True, moe_router_dtype="fp64")
+    spec = get_gpt_layer_local_spec(num_experts=NUM_EXPERTS, moe_grouped_gemm=False,
+                                    qk_layernorm=True, normalization="RMSNorm")
+    return GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=V,
+                    max_sequence_length=32)
+
+
+def _gpt_forward_backward(model, megatron_cpu, seq=16):
+    ids = torch.randint(0, V, (2, seq), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(seq).expand(2, seq)
+    logits = model(ids, pos, megatron_cpu.causal_attention_mask(seq))
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.roll(-1, 1).flatten())
+    loss.backward()
+    return loss
+
+
+def _check_scope_agrees(model, scheme):
+    checked = 0
+    for name, mod in model.named_modules():
+        if isinstance(getattr(mod, "weight_quantizer", None), TensorQuantizer):
+            assert mod.weight_quantizer.is_enabled == scheme.quantizes_megatron(name), name
+            checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_megatron_gpt_experts_scope(megatron_cpu, fmt):
+    model = _gpt_moe()
+    scheme = QuantScheme(format=fmt, scope="experts")
+    scheme.apply(model)
+    quantizers = enabled_weight_quantizers(model)
+    assert len(quantizers) == NUM_LAYERS * NUM_EXPERTS * 2
+    assert all(".mlp.experts.local_experts." in q for q in quantizers)
+    assert _check_scope_agrees(model, scheme) > len(quantizers)  # shared/attn/output seen, off
+    assert not model.output_layer.weight_quantizer.is_enabled
+    router = model.decoder.layers[0].mlp.router
+    assert not [n for n, m in router.named_modules() if isinstance(m, TensorQuantizer)
+                and m.is_enabled]
+
+    seen, handles = _capture_quantizer_outputs(model)
+    loss = _gpt_forward_backward(model, megatron_cpu)
+    for h in handles:
+        h.remove()
+    assert torch.isfinite(loss)
+    assert set(seen) == set(quantizers)
+    params = dict(model.named_parameters())
+    fq = fake_quantized_weights(model)
+    assert set(fq) == {q.rsplit(".", 1)[0] + ".weight" for q in quantizers}
+    for qname, used in seen.items():
+        wname = qname.rsplit(".", 1)[0] + ".weight"
+        w = params[wname]
+        torch.testing.assert_close(used, scheme.fake_quantize(w.detach()), atol=0, rtol=0)
+        torch.testing.assert_close(fq[wname], used, atol=0, rtol=0)
+        assert w.grad is not None and torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
+    assert router.weight.grad is not None  # the router trains, in full precision
+
+
+def test_megatron_gpt_all_linear_scope(megatron_cpu):
+    model = _gpt_moe()
+    scheme = QuantScheme(format="int4", group_size=32, scope="all-linear")
+    scheme.apply(model)
+    quantizers = enabled_weight_quantizers(model)
+    # per layer: 2 per routed expert + shared fc1/fc2 + linear_qkv/linear_proj
+    assert len(quantizers) == NUM_LAYERS * (NUM_EXPERTS * 2 + 2 + 2)
+    _check_scope_agrees(model, scheme)
+    assert not model.output_layer.weight_quantizer.is_enabled
+    loss = _gpt_forward_backward(model, megatron_cpu)
+    assert torch.isfinite(loss)
+    qkv = model.decoder.layers[1].self_attention.linear_qkv
+    assert qkv.weight.grad is not None and qkv.weight.grad.abs().sum() > 0
+
+
+def test_legacy_grouped_mlp_is_refused():
+    # GroupedMLP needs the grouped_gemm CUDA package to build; the refusal only looks at types.
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    experts = GroupedMLP.__new__(GroupedMLP)
+    nn.Module.__init__(experts)
+    model = nn.Module()
+    model.decoder = nn.Module()
+    model.decoder.layers = nn.ModuleList([nn.Module()])
+    model.decoder.layers[0].mlp = nn.Module()
+    model.decoder.layers[0].mlp.experts = experts
+    with pytest.raises(ValueError, match=r"decoder\.layers\.0\.mlp\.experts: legacy .*GroupedMLP"):
+        QuantScheme().apply(model)
+
+
+# ------------------------------------------------------------------ vs ModelOpt's built-in INT4
+# ModelOpt INT4_BLOCKWISE_WEIGHT_ONLY_CFG (block_sizes {-1: G}), CPU path
+# (modelopt/torch/quantization/tensor_quant.py _tensor_quant):
+#   amax per group from *max calibration*, stored once (static: later weight updates keep it);
+#   w' = clamp(round_half_even(w * (7 / amax)), -8, 7) / (7 / amax), all in float32, then cast.
+# Ours (int4_qat/formats/int4.py, rule amax/7):
+#   s = bf16(max(amax / 7, 1e-5)) recomputed from the live weight every forward;
+#   w' = bf16(clamp(round_half_even(w / s), -7, 7) * s), cast to w.dtype.
+# They coincide exactly when every group's amax is 7 * 2^k (scale exact in bf16, reciprocal exact);
+# otherwise the bf16 scale (<= 2^-8 relative), the bf16 product, and the rare code flip differ.
+def _modelopt_int4(w, group):
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    cfg = copy.deepcopy(mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG)
+    for entry in cfg["quant_cfg"]:
+        if entry["quantizer_name"] == "*weight_quantizer":
+            entry["cfg"]["block_sizes"] = {-1: group, "type": "static"}
+    model = mtq.quantize(nn.Sequential(lin), cfg, forward_loop=None)
+    return model[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_equals_modelopt_where_conventions_coincide(dtype):
+    g = 128
+    torch.manual_seed(0)
+    w = torch.randn(64, 512)
+    wg = w.view(64, -1, g)
+    k = torch.randint(-12, -4, (64, 512 // g, 1)).float()
+    wg = wg / wg.abs().amax(-1, keepdim=True) * (7 * 2.0 ** k)  # group amax = 7 * 2^k (exact)
+    w = wg.reshape(64, 512).to(dtype)
+    assert torch.equal(w.float().view(64, -1, g).abs().amax(-1, keepdim=True), 7 * 2.0 ** k)
+    lin = _modelopt_int4(w, g)
+    with torch.no_grad():
+        theirs = lin.weight_quantizer(lin.weight)
+    ours = QuantScheme(group_size=g).fake_quantize(w)
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    assert not torch.equal(ours, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_vs_modelopt_measured_differences(dtype):
+    g, n, kdim = 128, 256, 1024
+    torch.manual_seed(0)
+    w = (torch.randn(n, kdim) * 0.02).to(dtype)
+    lin = _modelopt_int4(w, g)
+    with torch.no_grad():
+        theirs = lin.weight_quantizer(lin.weight).float()
+    scheme = QuantScheme(group_size=g)
+    ours = scheme.fake_quantize(w).float()
+    q = scheme.quantize(w)
+    amax = w.float().view(n, -1, g).abs().amax(-1)
+    torch.testing.assert_close(lin.weight_quantizer.amax.view(n, -1).float(), amax)  # same amax
+    # 1. scale: ours is amax/7 rounded to bf16 (relative error <= 2^-8), theirs stays fp32
+    rel_scale = ((q.scale.float() - amax / 7).abs() / (amax / 7))
+    assert 0 < rel_scale.max() <= 2.0 ** -8
+    # 2. codes: theirs recovered from the output; both grids are effectively [-7, 7]
+    their_codes = torch.round(theirs.view(n, -1, g) * (7 / amax).unsqueeze(-1))
+    our_codes = q.codes.float().view(n, -1, g)
+    assert their_codes.abs().max() <= 7 and our_codes.abs().max() <= 7  # -8 never used
+    flips = their_codes != our_codes
+    flip_frac = flips.float().mean().item()
+    assert 0 < flip_frac < 0.01  # measured ~0.3%: values within 2^-8 of a rounding boundary
+    assert (their_codes - our_codes).abs().max() == 1
+    # 3. values: same code -> differ by the scale rounding + one bf16 rounding (<= 2^-7 rel.);
+    #    flipped code -> by about one step
+    d = (ours - theirs).view(n, -1, g).abs()
+    same_nonzero = ~flips & (our_codes != 0)
+    rel = d[same_nonzero] / theirs.view(n, -1, g).abs()[same_nonzero]
+    assert rel.max() <= 2.0 ** -7
+    step = (amax / 7).unsqueeze(-1).expand_as(d)
+    assert (d / step).max() <= 1 + 7 * 2.0 ** -7
+    print(f"\n[{dtype}] ours vs ModelOpt INT4 g{g}: elements differing "
+          f"{(d != 0).float().mean():.2%}, code flips {flip_frac:.3%}, max same-code rel diff "
+          f"{rel.max():.2e}, max |diff| / step {(d / step).max():.3f}")
+
+
+def test_modelopt_int4_amax_is_frozen_ours_follows_the_weight():
+    g = 128
+    torch.manual_seed(0)
+    w = torch.randn(32, 256) * 0.02
+    lin = _modelopt_int4(w, g)
+    scheme = QuantScheme(group_size=g)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # e.g. an optimizer step after calibration
+        theirs = lin.weight_quantizer(lin.weight)
+        ours = scheme.fake_quantize(lin.weight)
+    # ModelOpt keeps the calibrated amax: everything beyond it saturates, at +7 and at -8 steps
+    # (its grid is [-8, 7]; -8 is unreachable while amax is current, reached once it is stale)
+    amax_old = w.view(32, -1, g).abs().amax(-1, keepdim=True)
+    tg = theirs.view(32, -1, g)
+    assert (tg <= amax_old * (1 + 1e-6)).all() and (tg >= -amax_old * 8 / 7 * (1 + 1e-6)).all()
+    assert (tg <= -amax_old * 8 / 7 * (1 - 1e-6)).any()
+    # ours recomputes the scale: doubling w doubles the bf16 scale exactly, same codes
+    torch.testing.assert_close(ours, 2 * scheme.fake_quantize(w), atol=0, rtol=0)
