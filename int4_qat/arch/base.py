@@ -149,12 +149,19 @@ class Rule:
     to_mcore: Optional[Callable[["Arch", list[torch.Tensor]], torch.Tensor]] = None
     to_hf: Optional[Callable[["Arch", torch.Tensor], list[torch.Tensor]]] = None
     export: bool = True        # False: imported but not exported (e.g. tied lm_head)
+    # (added for gpt_oss.py) True: each HF tensor holds *all* experts stacked on dim 0 (gpt-oss's
+    # fused ``mlp.experts.gate_up_proj`` [E, H, 2I]); import takes slice [expert] before to_mcore,
+    # export stacks the experts' to_hf outputs back. Only for expert rules.
+    stacked: bool = False
 
     def __post_init__(self):
         if self.split not in (None, "column", "row", "glu"):
             raise ValueError(f"Rule {self.mcore[0]}: split must be None/column/row/glu, got {self.split!r}")
         if len(self.hf) != 1 and (self.to_mcore is None or self.to_hf is None):
             raise ValueError(f"Rule {self.mcore[0]}: several HF tensors need to_mcore and to_hf")
+        if self.stacked and (not self.is_expert or any("{expert}" in h for h in self.hf)):
+            raise ValueError(f"Rule {self.mcore[0]}: stacked=True needs {{expert}} in the Megatron "
+                             "template and none in the HF names")
 
     @property
     def is_expert(self) -> bool:

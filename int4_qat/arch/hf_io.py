@@ -102,12 +102,19 @@ class HFCheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.file_of(name)).get_slice(name).get_shape())
 
-    def get(self, name: str) -> torch.Tensor:
-        """The full tensor ``name`` (ValueError naming the file and tensor when it is absent)."""
+    def get(self, name: str, index: Optional[int] = None) -> torch.Tensor:
+        """The full tensor ``name`` (ValueError naming the file and tensor when it is absent);
+        with ``index``, only ``tensor[index]`` is read (one expert of a stacked expert tensor)."""
         path = self.file_of(name)
         h = self._handle(path)
         if name not in h.keys():
             raise ValueError(f"{path}: tensor {name!r} listed in the index is not in this shard")
+        if index is not None:
+            sl = h.get_slice(name)
+            if not 0 <= index < sl.get_shape()[0]:
+                raise ValueError(f"{path}: tensor {name!r} {tuple(sl.get_shape())} has no "
+                                 f"expert {index} on dim 0")
+            return sl[index]
         return h.get_tensor(name)
 
     def close(self) -> None:
@@ -283,7 +290,7 @@ def import_hf_checkpoint(model, arch: Arch, hf_dir: str | os.PathLike) -> dict:
                 if n not in reader:
                     raise ValueError(f"{hf_dir}: tensor {n!r} is missing from the checkpoint "
                                      f"(needed for Megatron {s.name})")
-            hf = [reader.get(n) for n in names]
+            hf = [reader.get(n, s.expert if s.rule.stacked else None) for n in names]
             n_read += len(hf)
             where = ", ".join(f"{n} {tuple(t.shape)} in {reader.file_of(n).name}"
                               for n, t in zip(names, hf))
@@ -318,6 +325,7 @@ def _stage_items(slots: list[_Slot], arch: Arch) -> Iterator[list[tuple[str, tor
     from megatron.core import parallel_state as ps
 
     _, tp, _, etp, _, ep = _parallel()
+    stacks: dict = {}      # (id(rule), layer) -> {expert: [HF tensors]} for stacked rules
     for s in slots:
         if not s.rule.export:
             continue
@@ -325,8 +333,18 @@ def _stage_items(slots: list[_Slot], arch: Arch) -> Iterator[list[tuple[str, tor
             full = unshard(_all_gather(s.tensor, ps.get_expert_tensor_parallel_group(), etp), s.rule.split)
             per_rank = arch.num_experts // ep
             for r, t in enumerate(_all_gather(full, ps.get_expert_model_parallel_group(), ep)):
-                names = s.rule.hf_names(s.layer, r * per_rank + s.local_expert)
-                yield list(zip(names, s.rule.separate(arch, t)))
+                expert = r * per_rank + s.local_expert
+                names = s.rule.hf_names(s.layer, expert)
+                if not s.rule.stacked:
+                    yield list(zip(names, s.rule.separate(arch, t)))
+                    continue
+                # (added for gpt_oss.py) stacked rule: yield once the layer's last expert arrives.
+                got = stacks.setdefault((id(s.rule), s.layer), {})
+                got[expert] = s.rule.separate(arch, t)
+                if len(got) == arch.num_experts:
+                    del stacks[(id(s.rule), s.layer)]
+                    yield [(n, torch.stack([got[e][i] for e in range(arch.num_experts)]))
+                           for i, n in enumerate(names)]
         else:
             full = unshard(_all_gather(s.tensor, ps.get_tensor_model_parallel_group(), tp), s.rule.split)
             yield list(zip(s.rule.hf_names(s.layer), s.rule.separate(arch, full)))
