@@ -1,0 +1,177 @@
+"""tools/launch.py: checks before launch, torchrun / Slurm / export commands under DRY_RUN."""
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from int4_qat.planner import check_recipe
+from int4_qat.recipe import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("launch", REPO_ROOT / "tools" / "launch.py")
+launch = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(launch)
+
+RECIPES = sorted(str(p) for p in (REPO_ROOT / "recipes").glob("*.yaml"))
+
+
+def _variant(tmp_path, base: str, name: str, edit) -> str:
+    d = yaml.safe_load((REPO_ROOT / "recipes" / f"{base}.yaml").read_text())
+    d["name"] = name
+    edit(d)
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return str(p)
+
+
+def test_check_all_recipes_pass(capsys):
+    assert launch.main(["check", *RECIPES]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(RECIPES) and all(line.startswith("ok  ") for line in out)
+
+
+@pytest.mark.parametrize("base, edit, expected", [
+    # layout does not divide the world size
+    ("qwen3-30b-a3b-int4", lambda d: d["parallel"].update(dp=1),
+     ["parallel: tp=4 × pp=1 × dp=1 = 4 != world size 8 (set parallel.dp = 2"]),
+    # the expert grid does not fold onto the dense ranks
+    ("qwen3-30b-a3b-int4", lambda d: d["parallel"].update(ep=16),
+     ["parallel: ep=16 × etp=1 = 16 does not divide tp=4 × dp=2 = 8"]),
+    # INT4 group straddles an expert-TP shard (768 / etp 8 = 96 per shard, group 128)
+    ("qwen3-30b-a3b-int4", lambda d: d["parallel"].update(etp=8, ep=1),
+     ["parallel: mlp.experts.local_experts.0.linear_fc2: in_features 768 / etp=8 = 96 per shard is "
+      "not a multiple of group_size=128, so a quantization group would straddle two shards"]),
+    # Marlin: Qwen3-30B-A3B (I = 768) g128 at serving TP 4 without expert parallel
+    ("qwen3-30b-a3b-int4", lambda d: d["export"].update(serving_ep=1),
+     ["quant.group_size / export.serving_tp: Marlin MoE needs", "768 / 4 = 192 is not a multiple of 128",
+      "fix: quant.group_size: 64 or export.serving_ep: 2"]),
+    ("qwen3-30b-a3b-int4", lambda d: d["export"].update(serving_tp=8, serving_ep=1),
+     ["768 / 8 = 96 is not a multiple of 128", "fix: export.serving_ep: 4"]),
+    ("qwen3-30b-a3b-int4", lambda d: d["quant"].update(group_size=256),
+     ["quant.group_size: Marlin serves INT4 groups [32, 64, 128] only, got 256"]),
+    # hidden 2880 % 128 != 0: gpt-oss cannot be served as INT4 by Marlin
+    ("gpt-oss-120b-mxfp4", lambda d: (d["quant"].update(format="int4", group_size=32, scale_rule="amax/7"),
+                                      d["export"].update(formats=["int4"])),
+     ["model.config: Marlin MoE needs hidden_size % 128 == 0, hidden_size=2880"]),
+    # exporting a format that training did not simulate
+    ("tiny-moe", lambda d: d["export"].update(formats=["int4", "nvfp4"]),
+     ["export.formats: 'nvfp4' is not the trained format quant.format='int4'"]),
+    # FP4 block split by the serving TP: 2880 / 4 = 720 is not a multiple of 32
+    ("gpt-oss-120b-mxfp4", lambda d: d["export"].update(serving_tp=4),
+     ["export.serving_tp: mxfp4 down_proj in_features 2880 / 4 = 720"]),
+    # uneven pipeline without first/last stage layers
+    ("kimi-k2-int4", lambda d: d["parallel"].update(first_stage_layers=None, last_stage_layers=None),
+     ["num_hidden_layers=61 is not divisible by the 4 remaining pipeline stages (pp=4)"]),
+    # does not fit: Kimi-K2 QAT on 64 GPUs (PP 1)
+    ("kimi-k2-int4", lambda d: d["parallel"].update(pp=1, nodes=8, dp=8, first_stage_layers=None,
+                                                    last_stage_layers=None),
+     ["parallel: the plan needs", "more than a 141 GB GPU"]),
+    # schema errors come through the same path, naming file and key
+    ("tiny-moe", lambda d: d["quant"].update(group=32), ["quant.group: unknown key (allowed: format, group_size"]),
+])
+def test_check_problems(tmp_path, capsys, base, edit, expected):
+    path = _variant(tmp_path, base, "variant", edit)
+    problems = check_recipe(path)
+    text = "\n".join(problems)
+    for e in expected:
+        assert e in text, f"{e!r} not in:\n{text}"
+    assert all(line.startswith(path) for line in problems)
+    assert launch.main(["check", path]) == 1
+    assert text in capsys.readouterr().out
+
+
+def test_name_must_match_file(tmp_path):
+    d = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-moe.yaml").read_text())
+    p = tmp_path / "other.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert check_recipe(p) == [f"{p}: name: 'tiny-moe' differs from the file name 'other' (make targets "
+                               f"use the file name); fix: name: other"]
+
+
+def test_dry_run_train_tiny(monkeypatch, capsys):
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert launch.main(["train", str(REPO_ROOT / "recipes" / "tiny-moe.yaml"), "--", "--steps", "3"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("DRY_RUN: ") and "torchrun --nproc-per-node 1 -m int4_qat.train --recipe" in line
+    assert line.endswith("--steps 3") or "--steps 3 --cpu" in line or line.endswith("--cpu --steps 3")
+    assert str(REPO_ROOT / "recipes" / "tiny-moe.yaml") in line
+
+
+def test_dry_run_train_single_node_gpus(monkeypatch, capsys):
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-30b-a3b-int4.yaml")]) == 0
+    assert "torchrun --nproc-per-node 8 -m int4_qat.train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["qwen3-235b-a22b-int4", "kimi-k2-int4"])
+def test_multi_node_train_points_to_slurm(monkeypatch, capsys, name):
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert launch.main(["train", str(REPO_ROOT / "recipes" / f"{name}.yaml")]) == 2
+    cap = capsys.readouterr()
+    assert "DRY_RUN:" not in cap.out and f"make slurm-{name}" in cap.err
+
+
+def test_refuses_to_launch_invalid(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DRY_RUN", "1")
+    path = _variant(tmp_path, "qwen3-30b-a3b-int4", "variant", lambda d: d["export"].update(serving_ep=1))
+    for cmd in ("train", "slurm", "export"):
+        with pytest.raises(SystemExit) as ei:
+            launch.main([cmd, path])
+        assert ei.value.code == 1
+        cap = capsys.readouterr()
+        assert "DRY_RUN:" not in cap.out and "refusing to launch" in cap.err
+        assert "quant.group_size / export.serving_tp" in cap.err
+    assert not (REPO_ROOT / "runs" / "variant" / "slurm.sbatch").exists()
+
+
+@pytest.mark.parametrize("name, nodes, gpn", [("qwen3-235b-a22b-int4", 8, 8), ("kimi-k2-int4", 32, 8),
+                                              ("gpt-oss-120b-mxfp4", 4, 8)])
+def test_dry_run_slurm_script(monkeypatch, capsys, name, nodes, gpn):
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert launch.main(["slurm", str(REPO_ROOT / "recipes" / f"{name}.yaml")]) == 0
+    script_path = REPO_ROOT / "runs" / name / "slurm.sbatch"
+    out = capsys.readouterr().out
+    assert f"wrote {script_path}" in out and f"DRY_RUN: sbatch {script_path}" in out
+    s = script_path.read_text()
+    for directive in (f"#SBATCH --nodes={nodes}", f"#SBATCH --gpus-per-node={gpn}",
+                      "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --time=",
+                      f"#SBATCH --output={REPO_ROOT}/runs/{name}/logs/%x-%j.out",
+                      f"#SBATCH --error={REPO_ROOT}/runs/{name}/logs/%x-%j.err"):
+        assert directive in s, directive
+    for piece in ('--nnodes "$SLURM_NNODES"', f"--nproc-per-node {gpn}", "--rdzv-backend c10d",
+                  '--rdzv-endpoint "$head:29500"', '--rdzv-id "$SLURM_JOB_ID"',
+                  f"-m int4_qat.train --recipe {REPO_ROOT}/recipes/{name}.yaml",
+                  f"CKPT={REPO_ROOT}/runs/{name}/ckpt", '"$CKPT/latest"', "srun "):
+        assert piece in s, piece
+    # nodes x gpus-per-node = the layout's world size
+    bash = shutil.which("bash")
+    assert subprocess.run([bash, "-n", str(script_path)], capture_output=True).returncode == 0
+
+
+def test_dry_run_export(monkeypatch, capsys):
+    monkeypatch.setenv("DRY_RUN", "1")
+    assert launch.main(["export", str(REPO_ROOT / "recipes" / "qwen3-30b-a3b-int4.yaml")]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("DRY_RUN:")]
+    assert len(lines) == 1
+    run = f"{REPO_ROOT}/runs/qwen3-30b-a3b-int4"
+    assert (f"tools/export.py --input {run}/ckpt --output {run}/export/int4 --format int4 --recipe "
+            f"{REPO_ROOT}/recipes/qwen3-30b-a3b-int4.yaml --serving-tp 1") in lines[0]
+
+
+def test_export_without_checkpoint(tmp_path, capsys):
+    path = _variant(tmp_path, "tiny-moe", "variant", lambda d: d["train"].update(
+        checkpoint_dir=str(tmp_path / "ckpt")))
+    assert launch.main(["export", path]) == 1
+    assert "has no 'latest' checkpoint yet; train first: make recipe-variant" in capsys.readouterr().err
+
+
+def test_make_targets_dry_run():
+    """The Makefile's pattern target + alias (slurm-qwen3-235b) reaches launch.py; DRY_RUN=1 runs nothing."""
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    r = subprocess.run(["make", "-s", "slurm-qwen3-235b"], cwd=REPO_ROOT,
+                       env={**__import__("os").environ, "DRY_RUN": "1"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"DRY_RUN: sbatch {REPO_ROOT}/runs/qwen3-235b-a22b-int4/slurm.sbatch" in r.stdout
