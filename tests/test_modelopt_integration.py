@@ -416,3 +416,55 @@ def test_modelopt_int4_amax_is_frozen_ours_follows_the_weight():
     assert (tg <= -amax_old * 8 / 7 * (1 - 1e-6)).any()
     # ours recomputes the scale: doubling w doubles the bf16 scale exactly, same codes
     torch.testing.assert_close(ours, 2 * scheme.fake_quantize(w), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------ HF transformers fused experts
+def _tiny_hf(model_type):
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=V, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32)
+    if model_type == "qwen3_moe":  # transformers 5: Qwen3MoeExperts, gate_up_proj [E, 2I, H]
+        cfg = transformers.Qwen3MoeConfig(**common, intermediate_size=64,
+                                          moe_intermediate_size=64, num_experts=4,
+                                          num_experts_per_tok=2)
+    else:  # GptOssExperts: gate_up_proj [E, H, 2I] (x @ W), ModelOpt quantizes it transposed
+        cfg = transformers.GptOssConfig(**common, intermediate_size=64, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.AutoModelForCausalLM.from_config(cfg).float()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_hf_fused_experts_nvfp4(model_type):
+    model = _tiny_hf(model_type)
+    scheme = QuantScheme(format="nvfp4", scope="experts")
+    scheme.apply(model)
+    quantizers = enabled_weight_quantizers(model)
+    # qwen3_moe: one quantizer per expert and projection; gpt-oss: one per 3-D projection
+    assert len(quantizers) == (2 * 4 if model_type == "qwen3_moe" else 2)
+    seen, handles = _capture_quantizer_outputs(model)
+    ids = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(ids).logits.float().square().mean().backward()
+    for h in handles:
+        h.remove()
+    assert set(seen) == set(quantizers)  # the forward really went through our backend
+    fq = fake_quantized_weights(model)
+    params = dict(model.named_parameters())
+    assert set(fq) == {f"model.layers.0.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")}
+    for wname, value in fq.items():
+        w = params[wname].detach()
+        assert value.shape == w.shape and params[wname].grad.abs().sum() > 0
+        if model_type == "qwen3_moe":
+            # per-expert 2-D slices: NVFP4's global scale is per expert, as in per-expert
+            # checkpoint tensors (model.layers.L.mlp.experts.E.gate_proj.weight_global_scale)
+            ref = torch.stack([scheme.fake_quantize(w[e]) for e in range(w.shape[0])])
+            torch.testing.assert_close(seen[f"{wname}_weight_quantizers.0"], value[0],
+                                       atol=0, rtol=0)
+        else:
+            # gpt-oss: the whole [E, N, K] tensor, so ONE global scale for all experts
+            ref = scheme.fake_quantize(w.transpose(-1, -2).contiguous()).transpose(-1, -2)
+            torch.testing.assert_close(seen[f"{wname}_weight_quantizer"],
+                                       value.transpose(-1, -2), atol=0, rtol=0)
+        torch.testing.assert_close(value, ref, atol=0, rtol=0)
