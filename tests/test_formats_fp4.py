@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from int4_qat.formats import QuantFormat, mxfp4, nvfp4
-from int4_qat.formats._common import E2M1_VALUES, e2m1_decode, e2m1_encode
+from int4_qat.formats._common import E2M1_VALUES, e2m1_decode, e2m1_encode, e2m1_round
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
@@ -146,6 +146,13 @@ def test_e2m1_rounding_ties_to_even_and_saturates():
     ref_codes, ref_vals = ref_e2m1(x.numpy())
     np.testing.assert_array_equal(codes.numpy(), ref_codes)
     np.testing.assert_array_equal(e2m1_decode(codes).numpy(), ref_vals.astype(np.float32))
+    # the fake-quant path rounds to values directly; it must agree with encode -> decode bitwise
+    assert torch.equal(e2m1_round(x).view(torch.int32), e2m1_decode(codes).view(torch.int32))
+    for cap in (3.0, 1.5):
+        capped = e2m1_encode(x, torch.tensor(cap))
+        assert e2m1_decode(capped).abs().max().item() == cap
+        assert torch.equal(e2m1_round(x, cap).view(torch.int32),
+                           e2m1_decode(capped).view(torch.int32))
     assert e2m1_encode(torch.tensor(mids)).tolist() == [0, 2, 2, 4, 4, 6, 6]
     assert e2m1_encode(torch.tensor([-0.0, -0.1, 0.0])).tolist() == [0, 8, 0]   # w < 0 -> sign
 

@@ -49,6 +49,7 @@ __all__ = [
     "check_group_size",
     "check_finite",
     "group_view",
+    "e2m1_round",
     "e2m1_encode",
     "e2m1_decode",
     "pack_nibbles",
@@ -159,35 +160,37 @@ def group_view(w: Tensor, group_size: int) -> Tensor:
     return w.unflatten(-1, (w.shape[-1] // group_size, group_size))
 
 
-# E2M1 rounding as one bucketize: the code magnitude is the number of boundaries strictly below
-# |x|. A boundary that ties *down* is the midpoint itself (``x > t``); one that ties *up* is the
-# float32 just below the midpoint (``x >= t`` <=> ``x > nextdown(t)``).
-_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
-_TIE_UP = (0.75, 1.75, 3.5)
-_BOUNDS_CACHE: dict[torch.device, Tensor] = {}
+# E2M1 rounding by binade, elementwise arithmetic only (no search, no table): inside the binade of
+# |x| the E2M1 grid is uniform with step 0.5 on [0, 2), 1 on [2, 4), 2 on [4, 6], so
+# ``k = round_half_even(|x| / step)`` and the value is ``k * step``. Ties go to the even code
+# because in each binade the parity of k is the parity of the code index (index = k + 2 * binade).
+# The step is the power of two below ``max(|x| / 2, 0.5)`` (mask float32 mantissa bits).
+def _e2m1_round(x: Tensor, cap: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (sign source, k, step) for float32 ``x``; ``|value| = k * step <= cap``."""
+    src = x + 0.0                               # -0.0 -> +0.0; negative iff x < 0
+    a = torch.clamp(src.abs(), max=cap)         # cap is an E2M1 value: rounding stays below it
+    half = torch.clamp(a * 0.5, min=0.5)
+    step = (half.view(torch.int32) & 0x7F800000).view(torch.float32)
+    k = torch.round(a / step)
+    return src, k, step
 
 
-def _e2m1_bounds(device: torch.device) -> Tensor:
-    b = _BOUNDS_CACHE.get(device)
-    if b is None:
-        up = torch.tensor(_TIE_UP, dtype=torch.float32)
-        up = torch.nextafter(up, torch.zeros_like(up))
-        b = torch.cat([torch.tensor(_TIE_DOWN, dtype=torch.float32), up]).sort().values
-        b = b.to(device)
-        _BOUNDS_CACHE[device] = b
-    return b
+def e2m1_round(x: Tensor, cap: float | Tensor = 6.0) -> Tensor:
+    """Round float32 ``x`` (already divided by its scale) to the nearest E2M1 value (float32).
 
-
-def e2m1_encode(x: Tensor, max_index: Tensor | None = None) -> Tensor:
-    """Round float32 ``x`` (already divided by its scale) to E2M1 codes (uint8, 0..15).
-
-    Ties go to the even code; magnitudes above 6 saturate to 6. ``max_index`` (broadcastable,
-    uint8 0..7) caps the magnitude index, used by MXFP4 to keep ``q * 2^e`` inside bf16.
+    Ties to even, saturating at ``cap`` (6, or a smaller E2M1 value per block, broadcastable).
+    Negative results keep their sign even when they round to zero (-0.0); -0.0 input gives +0.0.
     """
-    mag = torch.bucketize(x.abs(), _e2m1_bounds(x.device), out_int32=True).to(torch.uint8)
-    if max_index is not None:
-        mag = torch.minimum(mag, max_index)
-    return mag | ((x < 0).to(torch.uint8) << 3)
+    src, k, step = _e2m1_round(x, cap)
+    return torch.copysign(k * step, src)
+
+
+def e2m1_encode(x: Tensor, cap: float | Tensor = 6.0) -> Tensor:
+    """Round float32 ``x`` to E2M1 codes (uint8 0..15), the codes of :func:`e2m1_round`."""
+    src, k, step = _e2m1_round(x, cap)
+    binade2 = (step.view(torch.int32) >> 22) - 252          # 2 * binade: step 0.5/1/2 -> 0/2/4
+    mag = (k.to(torch.int32) + binade2).to(torch.uint8)
+    return mag | (torch.signbit(src).to(torch.uint8) << 3)
 
 
 _VALUES_CACHE: dict[torch.device, Tensor] = {}

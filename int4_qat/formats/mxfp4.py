@@ -57,6 +57,7 @@ from int4_qat.formats._common import (
     check_weight,
     e2m1_decode,
     e2m1_encode,
+    e2m1_round,
     group_view,
     pack_nibbles,
     require_key,
@@ -94,12 +95,12 @@ def _block_exponents(amax: Tensor) -> Tensor:
     return e.clamp(_E_MIN, _E_MAX).to(torch.int32)
 
 
-def _max_index(e: Tensor) -> Tensor:
-    """Largest E2M1 magnitude index whose value * 2^e stays finite in bf16 (max 1.99 * 2^127):
-    6 = idx 7 for e <= 125, 3 = idx 5 for e = 126, 1.5 = idx 3 for e = 127."""
-    seven = torch.full_like(e, 7)
-    lim = torch.where(e >= 126, torch.where(e >= 127, seven - 4, seven - 2), seven)
-    return lim.to(torch.uint8).unsqueeze(-1)
+def _max_magnitude(e: Tensor) -> Tensor:
+    """Largest E2M1 magnitude whose value * 2^e stays finite in bf16 (max 1.99 * 2^127):
+    6 for e <= 125, 3 for e = 126, 1.5 for e = 127; float32 ``[..., 1]`` to broadcast per block."""
+    six = torch.full(e.shape, 6.0, dtype=torch.float32, device=e.device)
+    cap = torch.where(e >= 126, torch.where(e >= 127, six / 4, six / 2), six)
+    return cap.unsqueeze(-1)
 
 
 def _pow2(e: Tensor) -> Tensor:
@@ -107,53 +108,58 @@ def _pow2(e: Tensor) -> Tensor:
     return torch.exp2(e.double()).float()
 
 
-def _encode(w: Tensor, group_size: int, name: str) -> tuple[Tensor, Tensor]:
-    """-> (E2M1 codes uint8 ``[..., N, K/32, 32]``, exponents int32 ``[..., N, K/32]``)."""
+def _scaled(w: Tensor, group_size: int, name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (w / 2^e as float32 ``[..., N, K/32, 32]``, exponents int32 ``[..., N, K/32]``,
+    per-block magnitude cap)."""
     check_group_size(group_size, name, allowed=(DEFAULT_GROUP_SIZE,))
     check_weight(w, group_size, name)
     wg = group_view(w, group_size).float()
     amax = wg.abs().amax(dim=-1)
     check_finite(amax, name)
     e = _block_exponents(amax)
-    x = wg / _pow2(e).unsqueeze(-1)
-    return e2m1_encode(x, _max_index(e)), e
+    return wg / _pow2(e).unsqueeze(-1), e, _max_magnitude(e)
 
 
-def _served(codes_g: Tensor, e: Tensor) -> Tensor:
-    return (e2m1_decode(codes_g) * _pow2(e).unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
+def _served(values_g: Tensor, e: Tensor) -> Tensor:
+    """E2M1 values ``[..., N, K/32, 32]`` times 2^e: exact, rounded (a no-op) to bf16."""
+    return (values_g * _pow2(e).unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
 
 
 def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
              name: str = "weight") -> QuantizedTensor:
     """Quantize ``w [..., N, K]`` to E2M1 codes (uint8) and E8M0 block scales (uint8)."""
     with torch.no_grad():
-        codes, e = _encode(w, group_size, name)
-    return QuantizedTensor(codes=codes.flatten(-2), scale=(e + E8M0_BIAS).to(torch.uint8),
+        x, e, cap = _scaled(w, group_size, name)
+        codes = e2m1_encode(x, cap).flatten(-2)
+    return QuantizedTensor(codes=codes, scale=(e + E8M0_BIAS).to(torch.uint8),
                            global_scale=None, group_size=group_size, fmt=QuantFormat.MXFP4)
-
-
-def _check_qt(q: QuantizedTensor) -> None:
-    if not isinstance(q, QuantizedTensor) or q.fmt != QuantFormat.MXFP4:
-        raise ValueError(f"expected an MXFP4 QuantizedTensor, got "
-                         f"{getattr(q, 'fmt', type(q).__name__)}")
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """The served weight ``value(code) * 2^(scale - 127)`` (exact in bf16), cast to ``dtype``."""
     _check_qt(q)
     e = q.scale.to(torch.int32) - E8M0_BIAS
-    return _served(group_view(q.codes, q.group_size), e).to(dtype)
+    return _served(e2m1_decode(group_view(q.codes, q.group_size)), e).to(dtype)
 
 
 def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
                   name: str = "weight") -> Tensor:
-    """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE)."""
+    """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE).
+
+    Computed without materialising codes (E2M1 values straight from the rounding), which the
+    tests hold bit-equal to the decode path."""
 
     def fn(x: Tensor) -> Tensor:
-        codes, e = _encode(x, group_size, name)
-        return _served(codes, e).to(x.dtype)
+        scaled, e, cap = _scaled(x, group_size, name)
+        return _served(e2m1_round(scaled, cap), e).to(x.dtype)
 
     return straight_through(w, fn)
+
+
+def _check_qt(q: QuantizedTensor) -> None:
+    if not isinstance(q, QuantizedTensor) or q.fmt != QuantFormat.MXFP4:
+        raise ValueError(f"expected an MXFP4 QuantizedTensor, got "
+                         f"{getattr(q, 'fmt', type(q).__name__)}")
 
 
 def pack(q: QuantizedTensor) -> dict[str, Tensor]:

@@ -55,6 +55,7 @@ from int4_qat.formats._common import (
     check_weight,
     e2m1_decode,
     e2m1_encode,
+    e2m1_round,
     group_view,
     pack_nibbles,
     require_key,
@@ -104,8 +105,8 @@ def _effective(s: Tensor, g: Tensor) -> Tensor:
     return s.float() / g.unsqueeze(-1)
 
 
-def _encode(w: Tensor, group_size: int, name: str):
-    """-> (codes uint8 ``[..., N, K/16, 16]``, e4m3 scales, global scales, effective scales)."""
+def _scaled(w: Tensor, group_size: int, name: str):
+    """-> (w / s_eff float32 ``[..., N, K/16, 16]``, e4m3 scales, global scales, s_eff)."""
     check_group_size(group_size, name, allowed=(DEFAULT_GROUP_SIZE,))
     check_weight(w, group_size, name)
     wg = group_view(w, group_size).float()
@@ -114,21 +115,43 @@ def _encode(w: Tensor, group_size: int, name: str):
     g = _global_scale(amax_b)
     s = _block_scales(amax_b, g)
     s_eff = _effective(s, g)
-    codes = e2m1_encode(wg / s_eff.unsqueeze(-1))
-    return codes, s, g, s_eff
+    return wg / s_eff.unsqueeze(-1), s, g, s_eff
 
 
-def _served(codes_g: Tensor, s_eff: Tensor) -> Tensor:
-    return (e2m1_decode(codes_g) * s_eff.unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
+def _served(values_g: Tensor, s_eff: Tensor) -> Tensor:
+    """float32 product of E2M1 values and s_eff, rounded once to bf16 (compressed-tensors)."""
+    return (values_g * s_eff.unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
 
 
 def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
              name: str = "weight") -> QuantizedTensor:
     """Quantize ``w [..., N, K]`` to E2M1 codes, E4M3 block scales and float32 global scales."""
     with torch.no_grad():
-        codes, s, g, _ = _encode(w, group_size, name)
-    return QuantizedTensor(codes=codes.flatten(-2), scale=s, global_scale=g,
-                           group_size=group_size, fmt=QuantFormat.NVFP4)
+        x, s, g, _ = _scaled(w, group_size, name)
+        codes = e2m1_encode(x).flatten(-2)
+    return QuantizedTensor(codes=codes, scale=s, global_scale=g, group_size=group_size,
+                           fmt=QuantFormat.NVFP4)
+
+
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The served weight ``bf16(value(code) * (float32(s) / g))``, cast to ``dtype``."""
+    _check_qt(q)
+    s_eff = _effective(q.scale, q.global_scale)
+    return _served(e2m1_decode(group_view(q.codes, q.group_size)), s_eff).to(dtype)
+
+
+def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
+                  name: str = "weight") -> Tensor:
+    """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE).
+
+    Computed without materialising codes (E2M1 values straight from the rounding), which the
+    tests hold bit-equal to the decode path."""
+
+    def fn(x: Tensor) -> Tensor:
+        scaled, _, _, s_eff = _scaled(x, group_size, name)
+        return _served(e2m1_round(scaled), s_eff).to(x.dtype)
+
+    return straight_through(w, fn)
 
 
 def _check_qt(q: QuantizedTensor) -> None:
@@ -137,24 +160,6 @@ def _check_qt(q: QuantizedTensor) -> None:
                          f"{getattr(q, 'fmt', type(q).__name__)}")
     if q.global_scale is None:
         raise ValueError("NVFP4 QuantizedTensor has no global_scale")
-
-
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """The served weight ``bf16(value(code) * (float32(s) / g))``, cast to ``dtype``."""
-    _check_qt(q)
-    s_eff = _effective(q.scale, q.global_scale)
-    return _served(group_view(q.codes, q.group_size), s_eff).to(dtype)
-
-
-def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
-                  name: str = "weight") -> Tensor:
-    """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE)."""
-
-    def fn(x: Tensor) -> Tensor:
-        codes, _, _, s_eff = _encode(x, group_size, name)
-        return _served(codes, s_eff).to(x.dtype)
-
-    return straight_through(w, fn)
 
 
 def pack(q: QuantizedTensor) -> dict[str, Tensor]:
