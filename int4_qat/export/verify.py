@@ -125,7 +125,6 @@ def _ct_config(qc: dict):
 def _ct_scheme_for(ct_cfg, module: str):
     """The config group compressed-tensors would apply to Linear ``module`` (None if ignored)."""
     from compressed_tensors.utils.match import match_name
-    from transformers.quantizers.quantizers_utils import should_convert_module
 
     if any(match_name(module, ign) for ign in ct_cfg.ignore or []):
         return None
@@ -165,6 +164,7 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
     reader = _ExportReader(export, names)
     expected: set[str] = set()
     from compressed_tensors.utils.match import match_name
+    from transformers.quantizers.quantizers_utils import should_convert_module
 
     for info in ref.tensors():
         plan = cv.plan_tensor(info.name, info.dtype, info.shape, scheme, ref.model_type)
