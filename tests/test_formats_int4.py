@@ -220,7 +220,7 @@ def test_pack_layout_uint4b8_lowest_nibble_first():
 
 
 def test_straight_through_estimator_saves_nothing():
-    w = torch.randn(8, 64, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(8, 64))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = int4.fake_quantize(w, 32)

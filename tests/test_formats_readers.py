@@ -181,3 +181,25 @@ def test_gpt_oss_checkpoint_shapes(dtype):
     assert blocks.dtype == scales.dtype == torch.uint8
     back = mxfp4.unpack_gpt_oss(blocks, scales)
     assert torch.equal(back.codes, mxfp4.quantize(w).codes)
+
+
+# -------------------------------------------------------------------- device independence ---
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("regime", ["normal", "wide", "huge", "tiny"])
+def test_cuda_and_cpu_give_the_same_bits(dtype, regime):
+    """Training fake-quantizes on GPUs, export runs on CPUs: codes, scales and the served weight
+    must not depend on the device (no reciprocal-multiply divisions, no float log2)."""
+    w = weight(7, (2, 64, 256), dtype, regime)
+    for fmt, kwargs in ((int4, {"group_size": 32}), (int4, {"scale_rule": "amax/7.5"}),
+                        (mxfp4, {}), (nvfp4, {})):
+        qc, qg = fmt.quantize(w, **kwargs), fmt.quantize(w.cuda(), **kwargs)
+        assert torch.equal(qc.codes, qg.codes.cpu())
+        assert torch.equal(qc.scale.view(torch.uint8) if qc.scale.element_size() == 1 else qc.scale,
+                           (qg.scale.view(torch.uint8) if qg.scale.element_size() == 1
+                            else qg.scale).cpu())
+        if qc.global_scale is not None:
+            assert torch.equal(qc.global_scale, qg.global_scale.cpu())
+        assert torch.equal(bits(fmt.fake_quantize(w, **kwargs)),
+                           bits(fmt.fake_quantize(w.cuda(), **kwargs).cpu()))

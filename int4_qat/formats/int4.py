@@ -22,11 +22,12 @@ The served weight (defined once)
 --------------------------------
 compressed-tensors decompresses ``pack-quantized`` with ``unpack_from_int32`` (int8 codes) and
 ``dequantize`` (quantization/lifecycle/forward.py, forward_helpers.py ``_dequantize``):
-``x_q.to(scale.dtype) * scale`` -- a bf16 x bf16 product, correctly rounded to bf16. SGLang /
-vLLM's Marlin kernel (marlin dequant, ``scale`` step in the Marlin ``.cuh``) converts the int4 to
-bf16 exactly and multiplies by the bf16 scale with ``__hmul2``: the same correctly rounded bf16
-product. So the served weight is ``bf16(q * s_bf16)`` (the exact product, which fits float32,
-rounded once to bf16). ``dequantize`` returns exactly that, cast to the requested dtype;
+``x_q.to(scale.dtype) * scale`` -- a bf16 x bf16 product, correctly rounded to bf16. The Marlin
+kernel SGLang / vLLM serve W4A16 with turns a uint4b8 nibble into bf16 exactly (vLLM
+csrc/quantization/gptq_marlin/dequant.h, ``dequant<nv_bfloat162, kU4B8>``: magic ``128 + nibble``
+minus 136) and then multiplies by the bf16 group scale with ``__hmul2`` (the ``scale`` step of
+marlin_template.h): the same correctly rounded bf16 product. So the served weight is
+``bf16(q * s_bf16)`` (the exact product, which fits float32, rounded once to bf16). ``dequantize`` returns exactly that, cast to the requested dtype;
 ``fake_quantize(w)`` returns exactly that cast to ``w.dtype`` (for fp32 weights, too: training sees
 what the server computes).
 

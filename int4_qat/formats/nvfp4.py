@@ -33,7 +33,10 @@ values to bf16, converts the E4M3 scale to bf16 (exact), and ``_dequantize``
 divided by a float32 ``[1]`` tensor, so float32 -- then ``x_q.to(float32) * that`` in float32,
 and ``_process_group`` casts the result to bf16. So the served weight is
 ``bf16(fp32(value(code) * fp32(float32(s) / g)))``, two float32 roundings then one bf16 rounding;
-``dequantize`` and ``fake_quantize`` evaluate exactly these ops in this order.
+``dequantize`` and ``fake_quantize`` evaluate exactly these ops in this order. (Native FP4 GEMMs,
+e.g. CUTLASS in SGLang / vLLM, instead multiply ``value * s`` exactly in the tensor core and apply
+``1 / g`` to the float32 accumulator; that differs from this bf16 weight only by bf16 rounding,
+at most 2^-9 relative per element.)
 
 On-disk layout: compressed-tensors ``nvfp4-pack-quantized``
 -----------------------------------------------------------
