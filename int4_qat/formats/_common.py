@@ -168,10 +168,10 @@ def group_view(w: Tensor, group_size: int) -> Tensor:
 def _e2m1_round(x: Tensor, cap: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> (sign source, k, step) for float32 ``x``; ``|value| = k * step <= cap``."""
     src = x + 0.0                               # -0.0 -> +0.0; negative iff x < 0
-    a = torch.clamp(src.abs(), max=cap)         # cap is an E2M1 value: rounding stays below it
-    half = torch.clamp(a * 0.5, min=0.5)
-    step = (half.view(torch.int32) & 0x7F800000).view(torch.float32)
-    k = torch.round(a / step)
+    a = src.abs().clamp_(max=cap)               # cap is an E2M1 value: rounding stays below it
+    step = (a * 0.5).clamp_(min=0.5)            # (x * 0.5 is exact on every device)
+    step.view(torch.int32).bitwise_and_(0x7F800000)
+    k = a.div_(step).round_()
     return src, k, step
 
 
