@@ -420,11 +420,12 @@ def _fp4_serving_problems(a: ArchShape, fmt: str, block: int, serving_tp: int, s
     return []
 
 
-def check_recipe(path) -> list[str]:
+def check_recipe(path, cpu: bool = False) -> list[str]:
     """Every problem that would stop ``path`` from training, exporting or serving, one line each
     (``<file>: <key>: <problem>; fix: ...``). Empty list = launchable. Runs before anything is
     launched or queued: schema, model config, layout (int4_qat.parallel.validate_layout), groups vs
-    TP shards, export format vs trained format, serving limits, memory plan, name vs file."""
+    TP shards, export format vs trained format, serving limits, memory plan, name vs file.
+    ``cpu=True`` also rejects layouts that only run on GPUs (validate_layout's ``cpu``)."""
     from pathlib import Path as _P
 
     from int4_qat.recipe import Recipe, RecipeError
@@ -447,12 +448,13 @@ def check_recipe(path) -> list[str]:
     except Exception as e:                                      # noqa: BLE001 - report, don't crash
         return probs + [f"{src}: quant: cannot build the QuantScheme: {e}"]
     from int4_qat.parallel import validate_layout
+    layout_ok = True
     try:
-        validate_layout(r.parallel, r.parallel.world_size, cfg, scheme, train=r.train)
+        validate_layout(r.parallel, r.parallel.world_size, cfg, scheme, train=r.train, cpu=cpu)
     except ValueError as e:
         lines = str(e).splitlines()[1:] or [str(e)]
         probs += [f"{src}: parallel: {ln.strip()}" for ln in lines]
-        return probs                                            # the memory plan needs a valid layout
+        layout_ok = False                                       # the memory plan needs a valid layout
     trained = r.quant.format.value
     for fmt in r.export.formats:
         if fmt.value != trained:
@@ -465,6 +467,8 @@ def check_recipe(path) -> list[str]:
         else:
             probs += [f"{src}: {p}" for p in _fp4_serving_problems(a, fmt.value, r.quant.group_size,
                                                                    r.export.serving_tp, r.export.serving_ep)]
+    if not layout_ok:
+        return probs
     tm = training_memory(a, count_params(a), r.parallel, r.train, r.quant.scope.value)
     if not tm.fits["141GB"]:
         probs.append(f"{src}: parallel: the plan needs {tm.total_gb:.0f} GB per GPU (stage {tm.stage}), "

@@ -82,6 +82,24 @@ def test_check_problems(tmp_path, capsys, base, edit, expected):
     assert text in capsys.readouterr().out
 
 
+def test_layout_and_serving_problems_reported_together(tmp_path):
+    path = _variant(tmp_path, "qwen3-30b-a3b-int4", "variant",
+                    lambda d: (d["parallel"].update(dp=1), d["export"].update(serving_ep=1)))
+    text = "\n".join(check_recipe(path))
+    assert "!= world size 8" in text and "quant.group_size / export.serving_tp" in text
+
+
+def test_cpu_run_refuses_gpu_only_layout(tmp_path, monkeypatch, capsys):
+    """Without CUDA, a real (not DRY_RUN) train refuses MoE + TP before starting torchrun."""
+    monkeypatch.delenv("DRY_RUN", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit) as ei:
+        launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-30b-a3b-int4.yaml")])
+    assert ei.value.code == 1
+    cap = capsys.readouterr()
+    assert "MoE with tp=4 is GPU-only here" in cap.err and "+ " not in cap.out
+
+
 def test_name_must_match_file(tmp_path):
     d = yaml.safe_load((REPO_ROOT / "recipes" / "tiny-moe.yaml").read_text())
     p = tmp_path / "other.yaml"

@@ -77,9 +77,9 @@ def check(paths: list[str]) -> int:
     return 1 if bad else 0
 
 
-def _load_checked(path: str) -> Recipe:
+def _load_checked(path: str, cpu: bool = False) -> Recipe:
     from int4_qat.planner import check_recipe
-    problems = check_recipe(path)
+    problems = check_recipe(path, cpu=cpu)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"refusing to launch {path}: fix the problems above (python tools/launch.py check {path})",
@@ -105,14 +105,16 @@ def _no_cuda() -> bool:
 
 
 def train(path: str, extra: list[str]) -> int:
-    r = _load_checked(path)
+    cpu = _no_cuda()
+    # On a machine without CUDA a real run is a CPU run: refuse GPU-only layouts (MoE + TP) up
+    # front. DRY_RUN only prints, so it keeps the GPU view (printing commands on a login node).
+    r = _load_checked(path, cpu=cpu and not _dry_run())
     if r.parallel.nodes > 1:
         print(f"{path}: parallel.nodes = {r.parallel.nodes}: a multi-node run needs Slurm: "
               f"make slurm-{r.name} (python tools/launch.py slurm {path})", file=sys.stderr)
         return 2
-    cpu = _no_cuda()
-    if cpu and r.parallel.gpus_per_node > 1 and r.parallel.tp > 1:
-        print(f"note: no CUDA here; {r.parallel.gpus_per_node} CPU processes (gloo)", file=sys.stderr)
+    if cpu and r.parallel.gpus_per_node > 1:
+        print(f"note: no CUDA here: {r.parallel.gpus_per_node} CPU processes (gloo)", file=sys.stderr)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return _run(train_command(r, path, extra, cpu), env=env)
