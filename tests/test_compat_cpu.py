@@ -21,16 +21,22 @@ def test_activate_refuses_when_cuda_is_available(monkeypatch):
     assert cpu.is_active()
 
 
-def test_activate_is_idempotent():
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.transformer.moe.router import Router
+def test_activate_is_idempotent_and_deactivate_restores():
+    from megatron.core.fusions import fused_softmax
 
-    before = (RotaryEmbedding.get_emb, Router.gating)
     cpu.activate(force=True)
-    cpu._patch_rotary_get_emb()
-    cpu._patch_router_gating()
-    assert (RotaryEmbedding.get_emb, Router.gating) == before
-    assert RotaryEmbedding.get_emb._int4_qat_cpu_shim and Router.gating._int4_qat_cpu_shim
+    patched = (torch.cuda.current_device, fused_softmax.get_default_causal_mask)
+    cpu.activate(force=True)
+    assert (torch.cuda.current_device, fused_softmax.get_default_causal_mask) == patched
+    assert torch.cuda.current_device() == torch.device("cpu")
+    cpu.deactivate()
+    try:
+        assert not cpu.is_active()
+        assert torch.cuda.current_device is not patched[0]
+        assert fused_softmax.get_default_causal_mask is not patched[1]
+    finally:
+        cpu.activate(force=True)
+    assert torch.cuda.current_device() == torch.device("cpu")
 
 
 def test_causal_mask_is_megatron_convention():

@@ -1,17 +1,25 @@
 """Megatron-Core on a CPU: every shim this project needs, in one place, activated explicitly.
 
 Megatron-Core 0.16.1 is written for CUDA. Its *local* (non Transformer-Engine) module spec runs on
-a CPU with torch + gloo, except for a handful of places that reach for a GPU. This module patches
-exactly those places -- no more -- and only after ``activate()`` is called. It is meant for tests,
-the CPU demo and CPU recipe runs; GPU runs never import it. ``activate()`` refuses to run when a CUDA
-device is available (pass ``force=True`` to run the CPU path on a GPU machine anyway, e.g. the CPU
-test-suite on a GPU node).
+a CPU with torch + gloo, except where it reaches for a GPU. This module patches those places and
+only after ``activate()`` is called. It is meant for tests, the CPU demo and CPU recipe runs; GPU
+runs never call it. ``activate()`` refuses to run when a CUDA device is available (pass
+``force=True`` to run the CPU path on a GPU machine anyway, e.g. the CPU test-suite on a GPU node;
+:func:`deactivate` undoes shims 1-3 then). Training-side shims (DDP buffers, optimizer, dist
+checkpointing) live in the companion :mod:`int4_qat.compat.cpu_training`.
 
 What is patched (megatron/core paths are relative to site-packages/megatron/core, 0.16.1):
 
-1. ``models/common/embeddings/rotary_pos_embedding.py:160-162`` -- ``RotaryEmbedding.get_emb``
-   moves ``inv_freq`` to ``torch.cuda.current_device()`` on the first call. We wrap it so the
-   move is skipped when ``inv_freq`` lives on a CPU (the rest of the body is unchanged).
+1. ``torch.cuda.current_device()`` answers ``torch.device("cpu")``. Megatron places tensors with
+   ``device=torch.cuda.current_device()`` in ~60 files; the ones a CPU forward/backward reaches are
+   ``models/common/embeddings/rotary_pos_embedding.py:160-162`` (``RotaryEmbedding.get_emb`` moves
+   ``inv_freq``), ``utils.py:631`` (``GlobalMemoryBuffer.get_tensor``, the ``baddbmm`` scratch of
+   ``transformer/dot_product_attention.py:189``), ``transformer/moe/router.py:88-92``
+   (``Router.gating`` moves the router weight), ``tensor_parallel/mappings.py:91,141,148,181``
+   (TP / EP all-gathers: ``parallel_output=False`` logits, the ``allgather`` MoE dispatcher) and
+   ``transformer/moe/experts.py:184-192``. One patch of the lookup, instead of one per call site.
+   On a CPU-only torch build the original raises ("Torch not compiled with CUDA enabled"), so
+   nothing that worked before changes meaning.
 2. ``fusions/fused_softmax.py:327`` -> ``transformer/utils.py:33-35`` -- with no attention mask,
    ``FusedScaleMaskSoftmax.forward_torch_softmax`` builds the causal mask with ``device="cuda"``.
    We rebind the name imported into ``fused_softmax`` to a CPU version. Callers may also pass an
@@ -27,17 +35,9 @@ What is patched (megatron/core paths are relative to site-packages/megatron/core
    :func:`seed_everything`. (With ``use_cpu_initialization=True`` Megatron initialises the full
    master weight on CPU from the default generator and slices it, so weights do not depend on TP.)
 
-5. ``utils.py:617-633`` -- ``GlobalMemoryBuffer.get_tensor`` (the scratch buffer the local
-   ``DotProductAttention`` uses for ``baddbmm``, transformer/dot_product_attention.py:189)
-   allocates on ``torch.cuda.current_device()``. The shim allocates on the CPU.
-
-6. ``transformer/moe/router.py:88-92`` -- ``Router.gating`` moves the router weight to
-   ``torch.cuda.current_device()`` when it is on a CPU. The shim runs the same gating GEMM
-   (``router_gating_linear`` with ``moe_router_dtype``) without the move for CPU inputs.
-
 Things this module does *not* fix (see /work/shared/CPU-NOTES.md): the ``alltoall`` token
 dispatcher (creates a ``torch.cuda.Stream``; use ``allgather``), MoE with TP>1 (needs sequence
-parallel, which the torch norms refuse), MLA with local attention, gpt-oss sinks/window path.
+parallel, which the torch norms refuse). MLA and gpt-oss attention: see the section at the end.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 __all__ = [
     "activate",
+    "deactivate",
     "is_active",
     "causal_attention_mask",
     "seed_everything",
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 _ACTIVE = False
+_ORIGINALS: dict[str, object] = {}
 
 
 def is_active() -> bool:
@@ -74,7 +76,8 @@ def activate(*, force: bool = False) -> None:
     """Install the Megatron-Core CPU shims (idempotent).
 
     Raises ``RuntimeError`` if a CUDA device is available, unless ``force=True``: the shims make
-    Megatron build its masks and RoPE tables on the CPU, which must never happen in a GPU run.
+    Megatron place its tensors, masks and RoPE tables on the CPU, which must never happen in a
+    GPU run.
     """
     global _ACTIVE
     if _ACTIVE:
@@ -85,38 +88,41 @@ def activate(*, force: bool = False) -> None:
             f"({torch.cuda.device_count()} visible). The CPU shims are for CPU runs and tests only; "
             "use the Transformer-Engine spec on GPU, or pass force=True to run the CPU path anyway."
         )
-    _patch_rotary_get_emb()
-    _patch_default_causal_mask()
-    _patch_router_gemm()
-    _patch_global_memory_buffer()
-    _patch_router_gating()
-    _install_rng_tracker()
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer.moe import moe_utils
+
+    if torch.cuda.current_device is not _cpu_current_device:      # keep the true originals
+        _ORIGINALS["current_device"] = torch.cuda.current_device
+    if fused_softmax.get_default_causal_mask is not _cpu_default_causal_mask:
+        _ORIGINALS["causal_mask"] = fused_softmax.get_default_causal_mask
+    # shim 1: torch.cuda.current_device (see the module docstring for the call sites)
+    torch.cuda.current_device = _cpu_current_device
+    # shim 2: megatron/core/fusions/fused_softmax.py:8 imports the name; line 327 calls it
+    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
+    # shim 3: megatron/core/transformer/moe/moe_utils.py:34 binds te_general_gemm only under TE
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    _install_rng_tracker()                        # shim 4
     _ACTIVE = True
 
 
-# --------------------------------------------------------------------------------------- shims 1-4
-def _patch_rotary_get_emb() -> None:
-    # megatron/core/models/common/embeddings/rotary_pos_embedding.py:160-162 (RotaryEmbedding.get_emb)
-    from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
-
-    original = rpe.RotaryEmbedding.get_emb
-    if getattr(original, "_int4_qat_cpu_shim", False):
+def deactivate() -> None:
+    """Undo shims 1-2 and reset the RNG tracker (for tests that forced the CPU path on a GPU
+    machine and hand the process back). A no-op when not active."""
+    global _ACTIVE
+    if not _ACTIVE:
         return
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mrandom
 
-    @functools.wraps(original)
-    def get_emb(self, max_seq_len: int, offset: int = 0):
-        if self.inv_freq.device.type != "cpu":
-            return original(self, max_seq_len, offset)
-        # Same body as the original minus the ".to(torch.cuda.current_device())" move.
-        freqs = self.get_freqs_non_repeated(max_seq_len, offset)
-        if not self.rotary_interleaved:
-            emb = torch.cat((freqs, freqs), dim=-1)
-        else:
-            emb = torch.stack((freqs.view(-1, 1), freqs.view(-1, 1)), dim=-1).view(freqs.shape[0], -1)
-        return emb[:, None, None, :]
+    torch.cuda.current_device = _ORIGINALS["current_device"]
+    fused_softmax.get_default_causal_mask = _ORIGINALS["causal_mask"]
+    mrandom.initialize_rng_tracker(force_reset=True)
+    _ACTIVE = False
 
-    get_emb._int4_qat_cpu_shim = True
-    rpe.RotaryEmbedding.get_emb = get_emb
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
 
 
 def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -134,64 +140,6 @@ def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> t
 def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
     # CPU twin of megatron/core/transformer/utils.py:33 get_default_causal_mask (device="cuda" there).
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
-
-
-def _patch_default_causal_mask() -> None:
-    # megatron/core/fusions/fused_softmax.py:8 imports the name; line 327 calls it.
-    from megatron.core.fusions import fused_softmax
-
-    fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
-
-
-def _patch_router_gemm() -> None:
-    # megatron/core/transformer/moe/moe_utils.py:34 binds te_general_gemm only under TE;
-    # lines 1192/1225 read it unconditionally.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
-def _patch_global_memory_buffer() -> None:
-    # megatron/core/utils.py:617 GlobalMemoryBuffer.get_tensor: device=torch.cuda.current_device().
-    import operator
-    from functools import reduce
-
-    from megatron.core import utils as mutils
-
-    if getattr(mutils.GlobalMemoryBuffer.get_tensor, "_int4_qat_cpu_shim", False):
-        return
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
-        required_len = reduce(operator.mul, tensor_shape, 1)
-        buf = self.buffer.get((name, dtype))
-        if buf is None or buf.numel() < required_len:
-            buf = self.buffer[(name, dtype)] = torch.empty(required_len, dtype=dtype, device="cpu")
-        return buf[0:required_len].view(*tensor_shape)
-
-    get_tensor._int4_qat_cpu_shim = True
-    mutils.GlobalMemoryBuffer.get_tensor = get_tensor
-
-
-def _patch_router_gating() -> None:
-    # megatron/core/transformer/moe/router.py:88-92 Router.gating (weight .to(cuda) on first call).
-    from megatron.core.transformer.moe import moe_utils, router
-
-    original = router.Router.gating
-    if getattr(original, "_int4_qat_cpu_shim", False):
-        return
-
-    @functools.wraps(original)
-    def gating(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != "cpu":
-            return original(self, input)
-        # Same as the original body after its device move (router.py:94-101).
-        router_dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(
-            self.config.moe_router_dtype, input.dtype)
-        return moe_utils.router_gating_linear(input, self.weight, self.bias, router_dtype)
-
-    gating._int4_qat_cpu_shim = True
-    router.Router.gating = gating
 
 
 def _install_rng_tracker() -> None:
@@ -311,6 +259,11 @@ def destroy_model_parallel() -> None:
 #    (transformer/utils.py:38-45). :class:`LocalCoreAttention` is a plain-torch core attention with
 #    TEDotProductAttention's constructor and parameter names; the arch modules put it in the local
 #    spec (the TE spec keeps TEDotProductAttention).
+# e. tensor_parallel/layers.py:1294 -- RowParallelLinear (TP=1, no expert parallelism) returns the
+#    output of the identity autograd Function ``_ReduceFromModelParallelRegion`` (mappings.py:27-28
+#    returns its input as-is), and transformer/mlp.py:247 adds a biased expert's fc2 bias to it
+#    in place: autograd refuses ("a view ... is being modified inplace"), so gpt-oss cannot train on
+#    the local spec. With one rank we skip the Function (it is the identity both ways).
 import math as _math
 
 from megatron.core.transformer.module import MegatronModule as _MegatronModule
@@ -342,12 +295,13 @@ def _run_on_cpu(fn):
 
 
 def install_mla_gpt_oss_shims() -> None:
-    """Install shims a-d (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
+    """Install shims a-e (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
     if not _ACTIVE:
         raise RuntimeError("install_mla_gpt_oss_shims: call int4_qat.compat.cpu.activate() first "
                            "(the local spec is the CPU path; on GPU build with use_te=True)")
     from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
     from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
+    from megatron.core.tensor_parallel import layers as tp_layers
     from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import router
 
@@ -358,10 +312,24 @@ def install_mla_gpt_oss_shims() -> None:
     yarn.YarnRotaryEmbedding.__init__ = _run_on_cpu(yarn.YarnRotaryEmbedding.__init__)  # shim b
     yarn.YarnRotaryEmbedding.get_emb = _run_on_cpu(yarn.YarnRotaryEmbedding.get_emb)
     router.TopKRouter.__init__ = _run_on_cpu(router.TopKRouter.__init__)          # shim c
+    if not getattr(tp_layers.reduce_from_tensor_model_parallel_region, "_int4_qat_cpu_shim", False):
+        tp_layers.reduce_from_tensor_model_parallel_region = _reduce_unless_single_rank  # shim e
+
+
+def _reduce_unless_single_rank(input_, group=None):
+    from megatron.core.tensor_parallel import mappings
+
+    group = mappings.get_tensor_model_parallel_group_if_none(group)
+    if group.size() == 1:
+        return input_
+    return mappings.reduce_from_tensor_model_parallel_region(input_, group)
+
+
+_reduce_unless_single_rank._int4_qat_cpu_shim = True
 
 
 def use_local_core_attention(block_spec):
-    """Install shims a-d and put :class:`LocalCoreAttention` into every layer of a *local*
+    """Install shims a-e and put :class:`LocalCoreAttention` into every layer of a *local*
     decoder block spec (``get_gpt_decoder_block_spec(..., use_transformer_engine=False)``)."""
     install_mla_gpt_oss_shims()
     for layer_spec in block_spec.layer_specs:
