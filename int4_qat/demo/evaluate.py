@@ -1,0 +1,154 @@
+"""Held-out evaluation of both sides of the pipeline on the *same* tokens.
+
+* the **training side**: a Megatron-Core ``GPTModel`` on CPU (with ModelOpt fake quant when the
+  model was quantized), run exactly as training runs it -- ``model(tokens, position_ids,
+  attention_mask)`` with an explicit boolean causal mask (``int4_qat.compat.cpu``);
+* the **serving side**: the exported checkpoint reloaded from disk by transformers
+  (``AutoModelForCausalLM.from_pretrained``; compressed-tensors decompresses the packed weights).
+
+compressed-tensors decompresses the packed experts into bf16 parameters (the served weight is a bf16
+value, see int4_qat/formats), while the rest of an fp32 checkpoint loads in fp32. The reloaded model
+is upcast with ``.float()`` before evaluation: the *values* are unchanged (a bf16 value is exact in
+fp32), and both sides then compute in fp32, so a difference in loss measures the checkpoint, not
+bf16 activations. :func:`served_logits` keeps the original dtypes when ``upcast=False``.
+
+Loss = mean next-token cross entropy (nats) over every eval token; the per-token log-probabilities
+of the targets and the full log-softmax are what the train-infer mismatch metrics compare.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "EvalSet",
+    "LogitStats",
+    "megatron_logits",
+    "served_logits",
+    "load_served_model",
+    "logit_stats",
+    "mismatch",
+]
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Held-out ``tokens`` / ``labels`` ``[n, seq]`` int64 (from ``int4_qat.data``), evaluated in
+    micro-batches of ``batch`` samples."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    batch: int = 8
+
+    def __post_init__(self) -> None:
+        if self.tokens.shape != self.labels.shape or self.tokens.dim() != 2:
+            raise ValueError(f"EvalSet: tokens {tuple(self.tokens.shape)} and labels "
+                             f"{tuple(self.labels.shape)} must be equal [n, seq] shapes")
+        if self.batch < 1:
+            raise ValueError(f"EvalSet: batch must be >= 1, got {self.batch}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.labels.numel()
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, self.tokens.shape[0], self.batch):
+            yield self.tokens[i:i + self.batch], self.labels[i:i + self.batch]
+
+
+@dataclass(frozen=True)
+class LogitStats:
+    """Per-token target log-probs ``[n, seq]`` and the full log-softmax ``[n, seq, V]``."""
+
+    target_logprobs: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def loss(self) -> float:
+        return float(-self.target_logprobs.double().mean())
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+
+def logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> LogitStats:
+    """Log-softmax in fp32 and the targets' log-probs."""
+    lp = F.log_softmax(logits.float(), dim=-1)
+    return LogitStats(lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), lp)
+
+
+@torch.no_grad()
+def megatron_logits(model, evalset: EvalSet) -> LogitStats:
+    """Training-side forward of a Megatron ``GPTModel`` (TP=PP=1 on CPU) over the eval set."""
+    from int4_qat.compat.cpu import causal_attention_mask
+
+    was_training = model.training
+    model.eval()
+    outs = []
+    try:
+        for tokens, _ in evalset.batches():
+            b, s = tokens.shape
+            pos = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
+            logits = model(tokens, pos, causal_attention_mask(s))
+            if logits.shape[:2] != (b, s):  # [s, b, V] when the model returns sequence-first
+                logits = logits.transpose(0, 1)
+            outs.append(logits.float())
+    finally:
+        model.train(was_training)
+    return logit_stats(torch.cat(outs), evalset.labels)
+
+
+def load_served_model(export_dir, *, upcast: bool = True) -> tuple[Any, str]:
+    """The exported checkpoint as a consumer loads it -> ``(model, note)``.
+
+    Uses the exporter's own loader (``int4_qat.export.verify.load_export_model``: transformers
+    ``AutoModelForCausalLM`` with compressed-tensors dequantizing on CPU). For NVFP4 MoE experts
+    transformers 5.24 drops ``weight_global_scale`` on load; the exporter's workaround rebuilds those
+    stacks with compressed-tensors' own ``decompress`` and ``note`` says so. ``upcast`` → fp32.
+    """
+    from int4_qat.export import verify as V
+
+    export_dir = str(export_dir)
+    with open(os.path.join(export_dir, "config.json")) as f:
+        quantized = "quantization_config" in json.load(f)
+    note = ""
+    if quantized:
+        model = V.load_export_model(export_dir, dtype=torch.float32)
+        restore = getattr(V, "_restore_nvfp4_experts", None)
+        if restore is not None and restore(model, export_dir):
+            note = ("transformers 5.24 drops NVFP4 MoE weight_global_scale on load; experts "
+                    "rebuilt with compressed-tensors decompress (int4_qat.export.verify)")
+    else:
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
+    if upcast:
+        model = model.float()
+    return model.eval(), note
+
+
+@torch.no_grad()
+def served_logits(model, evalset: EvalSet) -> LogitStats:
+    """Serving-side forward of a transformers causal LM over the eval set."""
+    outs = [model(input_ids=tokens).logits.float() for tokens, _ in evalset.batches()]
+    return logit_stats(torch.cat(outs), evalset.labels)
+
+
+def mismatch(train: LogitStats, served: LogitStats) -> dict[str, float]:
+    """Train-infer mismatch on the eval tokens: mean / max |Δ logprob| of the targets and the mean
+    over tokens of KL(train || served) over the vocabulary (nats)."""
+    if train.target_logprobs.shape != served.target_logprobs.shape:
+        raise ValueError(f"mismatch: token grids differ {tuple(train.target_logprobs.shape)} vs "
+                         f"{tuple(served.target_logprobs.shape)}")
+    d = (train.target_logprobs - served.target_logprobs).abs()
+    p = train.logprobs.exp()
+    kl = (p * (train.logprobs - served.logprobs)).sum(-1).clamp_min(0.0)
+    return {"mean_abs_dlogprob": float(d.mean()), "max_abs_dlogprob": float(d.max()),
+            "kl": float(kl.mean())}

@@ -1,0 +1,463 @@
+"""``make demo``: train, quantize (PTQ vs QAT), export, reload, compare -- one CPU process.
+
+Stages (every number in the table is measured by this file's code, nothing is copied in):
+
+1. **Train BF16.** A tiny Qwen3-MoE (``recipes/models/tiny-qwen3-moe``, resized by the options)
+   is trained in fp32 with :class:`int4_qat.train.Trainer` (Megatron-Core on CPU) on the real text
+   of this machine (``train.data: [system]``), byte tokenizer; a held-out document split is the
+   eval set. The trained weights are written as an HF checkpoint (``hf/bf16-trained``).
+2. **Continue for a fixed token budget** from those weights, once per variant: BF16 (the fair
+   reference: same extra tokens, no quantizer) and QAT for each format (``scheme.apply`` inserts
+   ModelOpt weight quantizers whose forward is the project's fake quant; straight-through
+   backward). All continuations read the same batches (the data stream continues where stage 1
+   stopped) under the same LR schedule.
+3. **PTQ** = the stage-1 model with the format's fake quant applied and no further training
+   (round-to-nearest with the scheme's own scale rule). Baselines: ModelOpt's INT4 AWQ-lite
+   (calibrated on training text) and ModelOpt FP8 E4M3 per-channel weight-only fake quant, both on
+   CPU; see :mod:`int4_qat.demo.baselines`.
+4. **Export + reload.** Each quantized model's weights are gathered to HF names
+   (``int4_qat.arch.export_hf_state_dict``, fp32), packed by the project exporter
+   (``int4_qat.export.export_checkpoint`` -- what ``tools/export.py`` runs) into compressed-tensors
+   INT4 / MXFP4 / NVFP4, reloaded with transformers + compressed-tensors, and evaluated there.
+5. **Train-infer mismatch**: training-side fake-quant forward (Megatron + ModelOpt) vs the reloaded
+   export on the same eval tokens: mean/max |Δ logprob| and KL (:mod:`int4_qat.demo.evaluate`).
+6. **Report**: ``summary.md`` / ``summary.json`` / PNG plots (:mod:`int4_qat.demo.report`).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from int4_qat.demo.report import Curve, Row
+
+__all__ = ["DemoConfig", "DemoResult", "VARIANTS", "run_demo", "ci_config"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASE_MODEL = REPO_ROOT / "recipes" / "models" / "tiny-qwen3-moe"
+BASE_RECIPE = REPO_ROOT / "recipes" / "tiny-moe.yaml"
+
+#: Demo variant name -> the recipe ``quant:`` section it trains / exports with.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "int4-g32": {"format": "int4", "group_size": 32},
+    "int4-g128": {"format": "int4", "group_size": 128},
+    "mxfp4": {"format": "mxfp4"},
+    "nvfp4": {"format": "nvfp4"},
+}
+
+
+@dataclass
+class DemoConfig:
+    """Everything ``tools/demo.py`` can set (defaults = ``make demo``; :func:`ci_config` = tests)."""
+
+    out: Path = REPO_ROOT / "runs" / "demo"
+    steps: int = 600              # stage 1 (BF16) optimizer steps
+    qat_steps: int = 200          # continuation budget per variant (same for BF16 and every QAT)
+    hidden: int = 128
+    moe_intermediate: int | None = None   # None = hidden
+    layers: int = 2
+    experts: int = 8
+    heads: int = 4
+    seq_length: int = 128
+    global_batch: int = 8
+    micro_batch: int = 8
+    lr: float = 3e-3
+    qat_lr: float = 5e-4
+    eval_samples: int = 64        # held-out windows of seq_length tokens for the table
+    formats: tuple[str, ...] = tuple(VARIANTS)
+    scope: str = "experts"
+    baselines: bool = True        # ModelOpt INT4 AWQ and FP8 rows
+    calib_batches: int = 8
+    seed: int = 1234
+    threads: int = 1
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        self.formats = tuple(self.formats)
+        unknown = [f for f in self.formats if f not in VARIANTS]
+        if unknown:
+            raise ValueError(f"--formats: unknown {unknown}; choose from {list(VARIANTS)}")
+        for k in ("steps", "qat_steps", "hidden", "layers", "experts", "heads", "seq_length",
+                  "global_batch", "micro_batch", "eval_samples", "threads", "calib_batches"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"--global-batch {self.global_batch} must be a multiple of "
+                             f"--micro-batch {self.micro_batch}")
+        if self.hidden % self.heads or (self.hidden // self.heads) % 2:
+            raise ValueError(f"--hidden {self.hidden} must be divisible by --heads {self.heads} "
+                             f"with an even head dim (RoPE)")
+        if self.heads % 2:
+            raise ValueError(f"--heads {self.heads}: must be even (2 query heads per KV head)")
+        inter = self.moe_intermediate or self.hidden
+        for name in self.formats:
+            g = VARIANTS[name].get("group_size", 32 if VARIANTS[name]["format"] == "mxfp4" else 16)
+            # Marlin (SGLang/vLLM marlin_utils.py): hidden % 128 == 0 and I % max(64, G) == 0
+            if self.hidden % max(g, 128 if VARIANTS[name]["format"] == "int4" else g):
+                raise ValueError(f"--hidden {self.hidden}: {name} needs hidden % "
+                                 f"{max(g, 128)} == 0 (group {g}; Marlin MoE needs hidden % 128)")
+            if inter % max(g, 64 if VARIANTS[name]["format"] == "int4" else g):
+                raise ValueError(f"--moe-intermediate {inter}: {name} needs it divisible by "
+                                 f"{max(g, 64)} (group {g} / Marlin)")
+        if self.scope not in ("experts", "all-linear"):
+            raise ValueError(f"--scope {self.scope!r}: choose experts or all-linear")
+
+    @property
+    def qat_tokens(self) -> int:
+        return self.qat_steps * self.global_batch * self.seq_length
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["formats"] = list(self.formats)
+        d["qat_tokens"] = self.qat_tokens
+        return d
+
+
+def ci_config(out: str | os.PathLike, **overrides) -> DemoConfig:
+    """The reduced configuration the tests run (every row, a few dozen steps, ≤ 3 min)."""
+    kw = dict(out=Path(out), steps=60, qat_steps=30, eval_samples=16, calib_batches=2,
+              lr=3e-3, qat_lr=1e-3, log_every=10)
+    kw.update(overrides)
+    return DemoConfig(**kw)
+
+
+@dataclass
+class DemoResult:
+    rows: list[Row]
+    curves: list[Curve]
+    paths: dict[str, Path]
+    meta: dict[str, Any]
+    table: str
+
+
+# ------------------------------------------------------------------------------- helpers
+class _Clock:
+    def __init__(self, log: Callable[[str], None]):
+        self.t0 = time.perf_counter()
+        self.stages: dict[str, float] = {}
+        self._log = log
+
+    def log(self, msg: str) -> None:
+        self._log(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        self.log(f"── {name}")
+        try:
+            yield
+        finally:
+            self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_model_config(cfg: DemoConfig, out_dir: Path) -> Path:
+    """The demo's HF config.json: tiny-qwen3-moe resized by the options (vocab stays 320 = bytes
+    + specials of the byte tokenizer)."""
+    base = json.loads((BASE_MODEL / "config.json").read_text())
+    head_dim = cfg.hidden // cfg.heads
+    base.update(hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden,
+                moe_intermediate_size=cfg.moe_intermediate or cfg.hidden,
+                num_hidden_layers=cfg.layers, max_window_layers=cfg.layers,
+                num_experts=cfg.experts, num_experts_per_tok=min(2, cfg.experts),
+                num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads // 2,
+                head_dim=head_dim, max_position_embeddings=max(512, cfg.seq_length),
+                torch_dtype="float32")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def build_recipe(cfg: DemoConfig, model_dir: Path, quant: dict[str, Any] | None, *, lr: float,
+                 steps: int, name: str):
+    """A validated :class:`~int4_qat.recipe.Recipe` from ``recipes/tiny-moe.yaml`` + the options."""
+    import yaml
+
+    from int4_qat.recipe import Recipe
+
+    d = yaml.safe_load(BASE_RECIPE.read_text())
+    d["name"] = name
+    d["model"] = {"config": str(model_dir), "checkpoint": None, "tokenizer": None}
+    q = {"scope": cfg.scope, **(quant or {"format": "int4", "group_size": 32})}
+    d["quant"] = q
+    t = d["train"]
+    t.update(data=["system"], seq_length=cfg.seq_length, global_batch=cfg.global_batch,
+             micro_batch=cfg.micro_batch, lr=lr, min_lr=lr / 10, warmup_steps=min(10, steps),
+             steps=steps, eval_interval=max(1, steps // 5), eval_iters=2, log_interval=10 ** 9,
+             seed=cfg.seed, precision="fp32", checkpoint_dir=str(cfg.out / "train" / name / "ckpt"),
+             save_interval=10 ** 9)
+    d["export"] = {"formats": [q["format"]], "output_dir": str(cfg.out / "export"), "serving_tp": 1}
+    d.pop("slurm", None)
+    return Recipe.from_dict(d, source=f"demo:{name}")
+
+
+def _inner(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _run_phase(trainer, steps: int, start: int, label: str, clock: _Clock, log_every: int,
+               offset: int) -> Curve:
+    """Step ``trainer`` ``steps`` times reading the data stream from global step ``start``."""
+    trainer.step = start        # data position (BatchSampler); the LR schedule starts fresh
+    curve = Curve(label, [], [])
+    eval_every = max(1, steps // 5)
+    for i in range(1, steps + 1):
+        m = trainer.train_step()
+        if not torch.isfinite(torch.tensor(m["loss"])):
+            raise FloatingPointError(f"{label}: step {i}: loss is {m['loss']}")
+        curve.steps.append(offset + i)
+        curve.losses.append(m["loss"])
+        if i % eval_every == 0 or i == steps:
+            ev = trainer.evaluate()
+            if ev is not None:
+                curve.eval.append((offset + i, ev))
+        if i % log_every == 0 or i == steps:
+            ev = f" | eval {curve.eval[-1][1]:.4f}" if curve.eval and curve.eval[-1][0] == offset + i else ""
+            clock.log(f"{label}: step {i}/{steps} | loss {m['loss']:.4f} | "
+                      f"{m['tokens_per_s']:.0f} tok/s{ev}")
+    return curve
+
+
+def _safetensors_bytes(export_dir: Path) -> tuple[int, int]:
+    """(bytes on disk, bytes as served) of an HF dir: on disk = every .safetensors file; as served
+    = tensor payloads with fp32 tensors counted at 2 bytes (served in bf16)."""
+    from safetensors import safe_open
+
+    disk = served = 0
+    for f in sorted(export_dir.glob("*.safetensors")):
+        disk += f.stat().st_size
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                sl = h.get_slice(k)
+                n = 1
+                for s in sl.get_shape():
+                    n *= s
+                dt = sl.get_dtype()
+                size = {"F32": 2, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1,
+                        "F8_E4M3": 1}.get(dt, 4)
+                served += n * size
+    return disk, served
+
+
+__all__ += ["build_recipe", "write_model_config"]
+
+
+# ------------------------------------------------------------------------------- stages
+class _Demo:
+    """State shared by the stages of one run (see :func:`run_demo`)."""
+
+    def __init__(self, cfg: DemoConfig, log: Callable[[str], None]):
+        self.cfg, self.clock = cfg, _Clock(log)
+        self.rows: list[Row] = []
+        self.curves: list[Curve] = []
+        self.arch = self.evalset = self.calib = None
+        self.hf_trained: Path | None = None
+
+    def log(self, msg: str) -> None:
+        self.clock.log(msg)
+
+    # -- helpers -------------------------------------------------------------------------
+    def trainer(self, name: str, quant: dict | None, *, lr: float, steps: int, init_from=None):
+        from int4_qat.train import Trainer
+
+        recipe = build_recipe(self.cfg, self.model_dir, quant, lr=lr, steps=steps, name=name)
+        return Trainer(recipe, cpu=True, quant=quant is not None, init_from=init_from,
+                       out=self.cfg.out / "train" / name, resume=False, log=lambda s: None)
+
+    def save_hf(self, model, name: str) -> Path:
+        """fp32 HF checkpoint of a Megatron model (raw weights; the quantizers are not applied)."""
+        from int4_qat.arch import export_hf_state_dict, write_hf_checkpoint
+
+        out = self.cfg.out / "hf" / name
+        if out.exists():
+            import shutil
+            shutil.rmtree(out)
+        config = dict(self.arch.hf_config)
+        config["torch_dtype"] = "float32"
+        return write_hf_checkpoint(export_hf_state_dict(_inner(model), self.arch), out, config=config)
+
+    def evaluate(self, model, fmt: str, method: str, *, export: bool = True, note: str = "") -> Row:
+        """Training-side eval of ``model``; then export (quantized variants), reload, eval, mismatch."""
+        from int4_qat.demo.evaluate import load_served_model, megatron_logits, mismatch, served_logits
+
+        model = _inner(model)
+        train_stats = megatron_logits(model, self.evalset)
+        row = Row(format=fmt, method=method, eval_loss=train_stats.loss, measured_on="training-side",
+                  train_side_loss=train_stats.loss, note=note)
+        if export:
+            hf = self.save_hf(model, f"{fmt}-{method}")
+            served_dir = hf
+            if fmt in VARIANTS:
+                from int4_qat.export import export_checkpoint
+
+                q = VARIANTS[fmt]
+                served_dir = self.cfg.out / "export" / f"{fmt}-{method}"
+                export_checkpoint(str(hf), str(served_dir), fmt=q["format"],
+                                  group_size=q.get("group_size"), scope=self.cfg.scope,
+                                  overwrite=True, progress=False)
+            served, load_note = load_served_model(served_dir)
+            served_stats = served_logits(served, self.evalset)
+            del served
+            row.eval_loss, row.measured_on, row.export_dir = served_stats.loss, "export", str(served_dir)
+            row.checkpoint_bytes = _safetensors_bytes(served_dir)[1]
+            for k, v in mismatch(train_stats, served_stats).items():
+                setattr(row, k, v)
+            row.note = "; ".join(x for x in (row.note, load_note) if x)
+        self.rows.append(row)
+        self.log(f"{fmt:>9} {method:<9} eval loss {row.eval_loss:.4f} ({row.measured_on}); "
+                 f"train-side {row.train_side_loss:.4f}"
+                 + (f"; mean|Δlogp| {row.mean_abs_dlogprob:.2e}" if row.mean_abs_dlogprob is not None else ""))
+        gc.collect()
+        return row
+
+    # -- stages --------------------------------------------------------------------------
+    def stage_train(self) -> None:
+        cfg = self.cfg
+        self.model_dir = write_model_config(cfg, cfg.out / "model")
+        with self.clock.stage("1. train BF16 (fp32 master weights, Megatron-Core on CPU)"):
+            tr = self.trainer("bf16", None, lr=cfg.lr, steps=cfg.steps)
+            self.arch = tr.arch
+            self.log(f"data: {len(tr.train_ds)} train / {len(tr.eval_ds)} held-out windows of "
+                     f"{cfg.seq_length} tokens (system corpus, byte tokenizer); eval uses "
+                     f"{min(cfg.eval_samples, len(tr.eval_ds))}")
+            from int4_qat.demo.evaluate import EvalSet
+
+            ev = tr.eval_ds.samples[: cfg.eval_samples]
+            self.evalset = EvalSet(ev[:, :-1].contiguous(), ev[:, 1:].contiguous(), batch=cfg.micro_batch)
+            n_cal = cfg.calib_batches * cfg.micro_batch
+            cal = tr.train_ds.samples[-n_cal:, :-1]      # training text (not the eval split)
+            self.calib = [cal[i:i + cfg.micro_batch] for i in range(0, len(cal), cfg.micro_batch)]
+            self.curves.append(_run_phase(tr, cfg.steps, 0, "bf16", self.clock, cfg.log_every, 0))
+            self.hf_trained = self.save_hf(tr.model, "bf16-trained")
+            self.evaluate(tr.model, "bf16", "trained", export=True)
+            del tr
+
+    def fresh_trained_model(self):
+        from int4_qat.arch import build_model, import_hf_checkpoint
+
+        model = build_model(self.arch, use_te=False, params_dtype=torch.float32)
+        import_hf_checkpoint(model, self.arch, self.hf_trained)
+        return model.eval()
+
+    def stage_ptq(self) -> None:
+        from int4_qat.recipe import QuantSection
+
+        with self.clock.stage("2. PTQ: round-to-nearest fake quant of the trained model"):
+            for name in self.cfg.formats:
+                scheme = QuantSection(**VARIANTS[name], scope=self.cfg.scope).scheme()
+                self.evaluate(scheme.apply(self.fresh_trained_model()), name, "ptq")
+
+    def stage_baselines(self) -> None:
+        from int4_qat.demo import baselines as B
+
+        with self.clock.stage("3. ModelOpt baselines: INT4 AWQ-lite, FP8 E4M3 weight-only (CPU)"):
+            try:
+                m = B.awq_int4(self.fresh_trained_model(), self.calib, scope=self.cfg.scope, group_size=128)
+                self.evaluate(m, "int4-awq", "awq", export=False,
+                              note="ModelOpt INT4_AWQ_CFG (awq_lite, g128) calibrated on training "
+                                   "text; training-side only (per-expert pre_quant_scale not "
+                                   "foldable into the shared norm, no W4A16 export)")
+            except Exception as e:  # a baseline must not sink the demo; the table says why
+                self.log(f"AWQ baseline failed: {type(e).__name__}: {e}")
+            try:
+                m = B.fp8_weight_only(self.fresh_trained_model(), self.calib, scope=self.cfg.scope)
+                self.evaluate(m, "fp8-e4m3", "ptq", export=False,
+                              note="ModelOpt FP8 fake quant (num_bits=(4,3), per-channel axis 0, "
+                                   "max calib) on CPU; training-side only (no FP8 exporter)")
+            except Exception as e:
+                self.log(f"FP8 baseline failed: {type(e).__name__}: {e}")
+
+    def stage_continue(self) -> None:
+        cfg = self.cfg
+        with self.clock.stage(f"4. continue {cfg.qat_steps} steps ({cfg.qat_tokens:,} tokens): "
+                              f"BF16 and QAT per format"):
+            for name in ("bf16", *cfg.formats):
+                quant = VARIANTS.get(name)
+                tr = self.trainer(f"cont-{name}", quant, lr=cfg.qat_lr, steps=cfg.qat_steps,
+                                  init_from=self.hf_trained)
+                label = "bf16 continued" if quant is None else f"QAT {name}"
+                self.curves.append(_run_phase(tr, cfg.qat_steps, cfg.steps, label, self.clock,
+                                              cfg.log_every, cfg.steps))
+                self.evaluate(tr.model, name, "continued" if quant is None else "qat")
+                del tr
+
+    def finish(self) -> DemoResult:
+        from int4_qat.demo.report import format_table, write_report
+
+        ref = {m: r.eval_loss for r in self.rows if r.format == "bf16" for m in (r.method,)}
+        for r in self.rows:
+            if r.format == "bf16":
+                continue
+            key = "continued" if r.method == "qat" else "trained"
+            if key in ref:
+                r.delta_vs_bf16, r.reference = r.eval_loss - ref[key], f"bf16 {key}"
+        order = {"bf16": 0, **{f: i + 1 for i, f in enumerate(VARIANTS)}, "int4-awq": 9, "fp8-e4m3": 10}
+        morder = {"trained": 0, "continued": 1, "ptq": 2, "awq": 3, "qat": 4}
+        self.rows.sort(key=lambda r: (order.get(r.format, 99), morder.get(r.method, 9)))
+        wall = time.perf_counter() - self.clock.t0
+        cfg = self.cfg
+        meta = {"title": f"PTQ vs QAT on a tiny Qwen3-MoE ({cfg.layers} layers, hidden {cfg.hidden}, "
+                         f"{cfg.experts} experts)",
+                "settings": {"stage-1 steps": cfg.steps, "continuation steps": cfg.qat_steps,
+                             "continuation tokens": f"{cfg.qat_tokens:,}",
+                             "eval tokens": f"{self.evalset.num_tokens:,} (held-out documents)",
+                             "scope": cfg.scope, "seq length": cfg.seq_length,
+                             "global batch": cfg.global_batch, "lr / continuation lr": f"{cfg.lr} / {cfg.qat_lr}",
+                             "torch threads": cfg.threads},
+                "config": cfg.to_dict(), "wall_time_s": round(wall, 1),
+                "stage_seconds": self.clock.stages,
+                "versions": _versions()}
+        paths = write_report(cfg.out, self.rows, self.curves, meta)
+        table = format_table(self.rows)
+        return DemoResult(self.rows, self.curves, paths, meta, table)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "megatron.core", "modelopt", "compressed_tensors", "transformers"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception:  # pragma: no cover - reporting only
+            out[mod] = "not importable"
+    return out
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
+    """Run every stage (see the module docstring) and write the report into ``cfg.out``."""
+    torch.set_num_threads(cfg.threads)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        # A free port of our own: other processes on this machine may hold Megatron's default.
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    demo = _Demo(cfg, log)
+    demo.log(f"int4-qat demo -> {cfg.out} | formats {', '.join(cfg.formats)} | scope {cfg.scope}")
+    demo.stage_train()
+    demo.stage_ptq()
+    if cfg.baselines:
+        demo.stage_baselines()
+    demo.stage_continue()
+    result = demo.finish()
+    demo.log(f"done in {result.meta['wall_time_s']:.0f} s; report: {result.paths['summary.md']}")
+    return result

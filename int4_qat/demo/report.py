@@ -1,0 +1,321 @@
+"""The demo's outputs: one table (terminal + ``summary.md`` + ``summary.json``) and three PNG plots.
+
+A :class:`Row` is one model that was evaluated: a format (``bf16``, ``int4-g32``, ``int4-g128``,
+``mxfp4``, ``nvfp4``, ``fp8-e4m3``, ``int4-awq``) crossed with a method:
+
+``trained``   the BF16 (fp32 on CPU) model at the end of the first training phase;
+``continued`` the BF16 model trained further for the same token budget as QAT (the fair reference);
+``ptq``       round-to-nearest post-training quantization of the *trained* model (fake quant, no
+              further training);
+``qat``       the trained model continued with the fake quantizer in the forward for the budget;
+``awq`` / ``rtn-fp8`` calibration-based and FP8 serving baselines.
+
+Columns: eval loss (held-out, measured on the *reloaded* export where one exists, otherwise on the
+training-side model -- the ``measured_on`` field says which), Δ vs BF16 (against the BF16 model the
+row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``), perplexity
+``exp(loss)``, checkpoint bytes on disk, and the train-infer mismatch between the training-side
+fake-quant forward (Megatron + ModelOpt) and the reloaded export: mean / max |Δ logprob| of the
+target tokens and the mean KL(train || served) over the vocabulary.
+
+Plots use matplotlib's Agg backend (no display needed): ``loss_curves.png`` (training loss per step
+of the BF16 run and of every QAT continuation, PTQ eval losses as dashed levels),
+``eval_loss.png`` (per-format bars, PTQ vs QAT, BF16 reference lines) and ``checkpoint_size.png``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+__all__ = [
+    "Row",
+    "Curve",
+    "PNG_SIGNATURE",
+    "format_table",
+    "write_summary",
+    "plot_loss_curves",
+    "plot_eval_bars",
+    "plot_checkpoint_sizes",
+    "write_report",
+    "is_png",
+]
+
+#: First 8 bytes of every PNG file (PNG spec, section 5.2).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Row:
+    """One evaluated model (see the module docstring for the meaning of each field)."""
+
+    format: str
+    method: str
+    eval_loss: float
+    measured_on: str = "export"          # "export" (reloaded checkpoint) | "training-side"
+    train_side_loss: float | None = None  # Megatron (+ ModelOpt fake quant) eval loss
+    delta_vs_bf16: float | None = None
+    reference: str | None = None          # which BF16 row delta_vs_bf16 is taken against
+    checkpoint_bytes: int | None = None
+    mean_abs_dlogprob: float | None = None
+    max_abs_dlogprob: float | None = None
+    kl: float | None = None
+    export_dir: str | None = None
+    note: str = ""
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.eval_loss) if self.eval_loss < 700 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ppl"] = self.ppl
+        return d
+
+
+@dataclass
+class Curve:
+    """A training-loss curve: ``steps`` are global step numbers (continuations start after the
+    first phase), ``losses`` the per-step training loss; ``eval`` optional (step, loss) pairs."""
+
+    label: str
+    steps: list[int]
+    losses: list[float]
+    eval: list[tuple[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != len(self.losses):
+            raise ValueError(f"curve {self.label!r}: {len(self.steps)} steps but "
+                             f"{len(self.losses)} losses")
+
+
+# ------------------------------------------------------------------------------------ table
+_COLUMNS = ("format", "method", "eval loss", "Δ vs BF16", "ppl", "ckpt bytes",
+            "mean|Δlogp|", "max|Δlogp|", "KL")
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    return format(v, spec)
+
+
+def _cells(r: Row) -> list[str]:
+    loss = _fmt(r.eval_loss, ".4f") + ("" if r.measured_on == "export" else "*")
+    return [r.format, r.method, loss, _fmt(r.delta_vs_bf16, "+.4f"), _fmt(r.ppl, ".3f"),
+            _fmt(r.checkpoint_bytes, ",d"), _fmt(r.mean_abs_dlogprob, ".2e"),
+            _fmt(r.max_abs_dlogprob, ".2e"), _fmt(r.kl, ".2e")]
+
+
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """The summary table as aligned plain text (terminal) or as a GitHub markdown table."""
+    body = [_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(_COLUMNS) + " |",
+                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(_COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
+              for i, h in enumerate(_COLUMNS)]
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(_COLUMNS), "  ".join("-" * w for w in widths)]
+    out += [line(c) for c in body]
+    return "\n".join(out)
+
+
+def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[str, Any],
+                  curves: Sequence[Curve] = ()) -> tuple[Path, Path]:
+    """Write ``summary.md`` and ``summary.json`` into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# int4-qat demo — {meta.get('title', 'PTQ vs QAT on a tiny Qwen3-MoE')}", ""]
+    for k, v in meta.get("settings", {}).items():
+        md.append(f"- **{k}**: {v}")
+    md += ["", format_table(rows, markdown=True), "",
+           "Eval loss: held-out tokens (documents never trained on), next-token cross entropy in "
+           "nats, measured on the checkpoint reloaded from disk with transformers "
+           "(+ compressed-tensors); `*` = measured on the training-side model (no export of that "
+           "kind). Δ vs BF16: PTQ rows against the trained BF16 model they were quantized from, "
+           "QAT rows against the BF16 model continued for the same token budget. "
+           "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
+           "the reloaded export, on the eval tokens.", ""]
+    notes = [f"- {r.format} / {r.method}: {r.note}" for r in rows if r.note]
+    if notes:
+        md += ["Notes:", *notes, ""]
+    for k in ("wall_time_s", "stage_seconds"):
+        if k in meta:
+            md.append(f"- {k}: {json.dumps(meta[k])}")
+    md_path = out / "summary.md"
+    md_path.write_text("\n".join(md) + "\n")
+    js = {"meta": meta, "rows": [r.to_dict() for r in rows],
+          "curves": [asdict(c) for c in curves]}
+    js_path = out / "summary.json"
+    js_path.write_text(json.dumps(js, indent=2, default=_json_default) + "\n")
+    return md_path, js_path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_loss_curves(path: str | os.PathLike, curves: Sequence[Curve],
+                     ptq_levels: dict[str, float] | None = None, smooth: int = 5) -> Path:
+    """Training loss per step (moving average over ``smooth`` steps, raw curve faint), PTQ eval
+    losses as dashed horizontal levels over the continuation phase."""
+    if not curves:
+        raise ValueError("plot_loss_curves: no curves to plot")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    start_cont = None
+    for i, c in enumerate(curves):
+        color = f"C{i}"
+        ax.plot(c.steps, c.losses, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(c.steps, _moving_average(c.losses, smooth), color=color, linewidth=1.6,
+                label=f"{c.label} (train)")
+        if c.eval:
+            es, el = zip(*c.eval)
+            ax.plot(es, el, "o", color=color, markersize=4, markeredgecolor="k",
+                    markeredgewidth=0.4)
+        if i > 0 and c.steps:
+            start_cont = c.steps[0] if start_cont is None else min(start_cont, c.steps[0])
+    if ptq_levels:
+        x0 = start_cont if start_cont is not None else min(curves[0].steps)
+        x1 = max(max(c.steps) for c in curves if c.steps)
+        for j, (label, v) in enumerate(ptq_levels.items()):
+            ax.hlines(v, x0, x1, colors=f"C{(j + len(curves)) % 10}", linestyles="--",
+                      linewidth=1.0, label=f"{label} PTQ (eval)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title("Training loss: BF16 then continuation (BF16 / QAT); PTQ eval levels dashed;"
+                 " dots = held-out eval", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path, plt)
+
+
+def _moving_average(xs: Sequence[float], k: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= k:
+            acc -= xs[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
+    """Per-format eval loss bars: one bar per method (PTQ, QAT, baselines), BF16 levels as lines."""
+    plt = _pyplot()
+    quant = [r for r in rows if r.format != "bf16"]
+    if not quant:
+        raise ValueError("plot_eval_bars: no quantized rows")
+    formats = list(dict.fromkeys(r.format for r in quant))
+    methods = list(dict.fromkeys(r.method for r in quant))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for i, f in enumerate(formats):
+            r = next((r for r in quant if r.format == f and r.method == m), None)
+            if r is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                ys.append(r.eval_loss)
+        bars = ax.bar(xs, ys, width=width * 0.95, label=m, color=f"C{j}")
+        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+    for k, r in enumerate(r for r in rows if r.format == "bf16"):
+        ax.axhline(r.eval_loss, color="k", linestyle=":" if k else "--", linewidth=1,
+                   label=f"bf16 {r.method} ({r.eval_loss:.3f})")
+    all_losses = [r.eval_loss for r in rows if math.isfinite(r.eval_loss)]
+    lo, hi = min(all_losses), max(all_losses)
+    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3) - 0.05), hi + 0.25 * (hi - lo + 1e-3) + 0.02)
+    ax.set_xticks(range(len(formats)), formats)
+    ax.set_ylabel("held-out eval loss (reloaded export)")
+    ax.set_title("Eval loss per format: PTQ vs QAT", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path, plt)
+
+
+def plot_checkpoint_sizes(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
+    """Checkpoint bytes on disk, one bar per format (the first row of each format that has one)."""
+    plt = _pyplot()
+    sizes: dict[str, int] = {}
+    for r in rows:
+        if r.checkpoint_bytes is not None and r.format not in sizes:
+            sizes[r.format] = r.checkpoint_bytes
+    if not sizes:
+        raise ValueError("plot_checkpoint_sizes: no row has checkpoint_bytes")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    names = list(sizes)
+    vals = [sizes[n] / 1e6 for n in names]
+    bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+    ax.bar_label(bars, fmt="%.2f MB", fontsize=7)
+    ax.set_ylabel("checkpoint size on disk (MB)")
+    ax.set_title("Checkpoint size per format (attention, router, embeddings, lm_head stay "
+                 "full precision)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path, plt)
+
+
+def _save(fig, path, plt) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(p, format="png")
+    plt.close(fig)
+    return p
+
+
+def is_png(path: str | os.PathLike) -> bool:
+    """True when ``path`` starts with the PNG signature and matplotlib can decode it."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            return False
+    plt = _pyplot()
+    img = plt.imread(str(p))
+    return img.ndim == 3 and img.shape[0] > 10 and img.shape[1] > 10
+
+
+def write_report(out_dir: str | os.PathLike, rows: Sequence[Row], curves: Sequence[Curve],
+                 meta: dict[str, Any]) -> dict[str, Path]:
+    """Everything at once: summary.md/json and the three plots; returns the written paths."""
+    out = Path(out_dir)
+    md, js = write_summary(out, rows, meta, curves)
+    ptq = {r.format: r.eval_loss for r in rows if r.method == "ptq"}
+    paths = {"summary.md": md, "summary.json": js,
+             "loss_curves.png": plot_loss_curves(out / "loss_curves.png", curves, ptq),
+             "eval_loss.png": plot_eval_bars(out / "eval_loss.png", rows),
+             "checkpoint_size.png": plot_checkpoint_sizes(out / "checkpoint_size.png", rows)}
+    return paths
+
+
+def rows_from_json(path: str | os.PathLike) -> list[Row]:
+    """Rows back from a ``summary.json`` (for tests and for re-plotting)."""
+    data = json.loads(Path(path).read_text())
+    out = []
+    for d in data["rows"]:
+        d = dict(d)
+        d.pop("ppl", None)
+        out.append(Row(**d))
+    return out
+
+
+__all__.append("rows_from_json")

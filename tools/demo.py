@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""The whole int4-qat pipeline on one CPU: BF16 → PTQ vs QAT (INT4 g32/g128, MXFP4, NVFP4) → export → reload.
+
+    make demo                                   # == .venv/bin/python tools/demo.py
+    make demo DEMO_ARGS="--steps 1000 --qat-steps 300 --hidden 256"
+    .venv/bin/python tools/demo.py --ci --out /tmp/demo   # the reduced configuration of the tests
+
+Writes OUT/summary.md, OUT/summary.json, OUT/loss_curves.png, OUT/eval_loss.png,
+OUT/checkpoint_size.png, the exports under OUT/export/ and prints the table. See int4_qat/demo/.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--ci", action="store_true", help="reduced configuration (tests; a few minutes)")
+    p.add_argument("--steps", type=int, help="stage-1 BF16 training steps (default 600; --ci 60)")
+    p.add_argument("--qat-steps", type=int, help="continuation budget in steps for BF16 and every "
+                   "QAT run (default 200; --ci 30); tokens = steps x global batch x seq length")
+    p.add_argument("--hidden", type=int, help="hidden size (default 128; g128 needs a multiple of 128)")
+    p.add_argument("--moe-intermediate", type=int, help="expert intermediate size (default = hidden)")
+    p.add_argument("--layers", type=int, help="decoder layers (default 2)")
+    p.add_argument("--experts", type=int, help="routed experts (default 8, top-2)")
+    p.add_argument("--heads", type=int, help="attention heads (default 4; KV heads = heads/2)")
+    p.add_argument("--seq-length", type=int, help="tokens per sample (default 128)")
+    p.add_argument("--global-batch", type=int, help="samples per step (default 8)")
+    p.add_argument("--micro-batch", type=int, help="samples per micro-batch (default 8)")
+    p.add_argument("--lr", type=float, help="stage-1 peak LR (default 3e-3)")
+    p.add_argument("--qat-lr", type=float, help="continuation peak LR (default 5e-4)")
+    p.add_argument("--eval-samples", type=int, help="held-out samples evaluated (default 64; --ci 16)")
+    p.add_argument("--formats", help="comma list of int4-g32,int4-g128,mxfp4,nvfp4 (default all)")
+    p.add_argument("--scope", choices=["experts", "all-linear"], help="quantized weights (default experts)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the ModelOpt AWQ / FP8 rows")
+    p.add_argument("--seed", type=int, help="seed (default 1234)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1: tiny matmuls, shared CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    from int4_qat.demo import DemoConfig, ci_config, run_demo
+
+    kw = {k: v for k, v in vars(a).items()
+          if v is not None and k not in ("ci", "out", "formats", "no_baselines")}
+    if a.formats:
+        kw["formats"] = tuple(f.strip() for f in a.formats.split(",") if f.strip())
+    if a.no_baselines:
+        kw["baselines"] = False
+    try:
+        cfg = ci_config(a.out, **kw) if a.ci else DemoConfig(out=a.out, **kw)
+    except ValueError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    res = run_demo(cfg)
+    print()
+    print(res.table)
+    print(f"\n* = training-side model (no export). Wall time {time.perf_counter() - t0:.0f} s. "
+          f"Report: {res.paths['summary.md']}")
+    return 0
+
+
+if __name__ == "__main__":   # the guard matters: Megatron's checkpoint writer may spawn processes
+    sys.exit(main())
