@@ -178,3 +178,45 @@ def test_unmapped_checkpoint_tensor_is_named(tmp_path, ckpt, model_and_arch):
     write_hf_checkpoint(tensors, tmp_path)
     with pytest.raises(ValueError, match="extra_thing"):
         import_hf_checkpoint(model, arch, tmp_path)
+
+
+def _parity(model, ckpt):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                               attn_implementation="eager").eval()
+    ids = torch.randint(0, 320, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = model.eval()(ids, torch.arange(SEQ).expand(2, -1), compat_cpu.causal_attention_mask(SEQ))
+        return (got - ref(ids).logits).abs().max().item()
+
+
+def test_variant_plain_q_rope_no_groups_tied(tmp_path):
+    """DeepSeek-V2-Lite-like corner: no q LoRA (linear_q_proj), default RoPE, no expert groups,
+    no dense layer, tied embeddings -- parity, exact round trip, and every parameter trains."""
+    cfg = json.loads((tiny_config_dir("deepseek_v3") / "config.json").read_text())
+    cfg.update(q_lora_rank=None, n_group=1, topk_group=1, num_experts_per_tok=2,
+               first_k_dense_replace=0, num_hidden_layers=2, tie_word_embeddings=True)
+    del cfg["rope_scaling"]
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps(cfg))
+    ckpt = make_tiny_hf_checkpoint(tmp_path / "cfg", tmp_path / "hf", dtype=torch.float32)
+    arch = load_arch(ckpt)
+    assert arch.extras["mla"]["rope_type"] == "rope" and "moe_router_num_groups" not in arch.tf_kwargs
+    model = build_model(arch, use_te=False)
+    import_hf_checkpoint(model, arch, ckpt)
+    assert hasattr(model.decoder.layers[0].self_attention, "linear_q_proj")
+    diff = _parity(model, ckpt)
+    print(f"deepseek_v3 variant HF parity: max |logit diff| = {diff:.3e}")
+    assert diff <= 1e-4
+    original = dict(iter_checkpoint(ckpt))
+    exported = dict(export_hf_state_dict(model, arch))
+    assert "lm_head.weight" not in exported and sorted(exported) == sorted(original)
+    assert all(torch.equal(exported[n], original[n]) for n in original)
+    model.train()
+    ids = torch.randint(0, 320, (2, SEQ), generator=torch.Generator().manual_seed(9))
+    loss = model(ids, torch.arange(SEQ).expand(2, -1), compat_cpu.causal_attention_mask(SEQ),
+                 labels=ids).float().mean()
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not no_grad, f"parameters without gradient: {no_grad}"

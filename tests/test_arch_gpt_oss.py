@@ -197,3 +197,25 @@ def test_gpt_oss_20b_hub_config_parses(tmp_path):
         yarn_rotary_scaling_factor=32.0, yarn_original_max_position_embeddings=4096,
         yarn_beta_fast=32.0, yarn_beta_slow=1.0, yarn_mscale=None, yarn_mscale_all_dim=None,
         yarn_correction_range_round_to_int=False)
+
+
+def test_backward_reaches_sinks_and_expert_biases(ckpt):
+    """A training step's gradient reaches every parameter, sinks and expert biases included."""
+    arch = load_arch(ckpt)
+    model = build_model(arch, use_te=False)
+    import_hf_checkpoint(model, arch, ckpt)
+    model.train()
+    ids = _ids()
+    loss = model(ids, torch.arange(SEQ).expand(2, -1), compat_cpu.causal_attention_mask(SEQ),
+                 labels=ids).float().mean()
+    loss.backward()
+    def has_grad(p):
+        return p.grad is not None and bool(p.grad.abs().sum())
+
+    # Experts no token was routed to get no gradient; everything else must.
+    no_grad = [n for n, p in model.named_parameters() if "local_experts" not in n and not has_grad(p)]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+    for layer in model.decoder.layers:
+        trained = [e for e in layer.mlp.experts.local_experts
+                   if all(has_grad(p) for p in e.parameters())]
+        assert len(trained) >= 2          # top-2 routing: at least two experts saw tokens

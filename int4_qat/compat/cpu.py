@@ -242,28 +242,24 @@ def destroy_model_parallel() -> None:
 #
 # a. transformer/multi_latent_attention.py:55-65,181-185 -- without Transformer-Engine the
 #    ``extensions.transformer_engine`` import succeeds with TE mocked, so ``HAVE_TE`` is True and
-#    ``isinstance(self.linear_proj, TELinear)`` raises TypeError (TELinear is a MagicMock). We set
-#    that module's ``HAVE_TE = False`` (its only use is that fp8/fp4 check).
-# b. models/common/embeddings/yarn_rotary_pos_embedding.py:76 and :120-126 -- MLA builds
-#    ``YarnRotaryEmbedding`` without ``use_cpu_initialization`` (multi_latent_attention.py:131), so
-#    its tables go to ``torch.cuda.current_device()``; ``get_emb`` moves them there again.
-# c. transformer/moe/router.py:163-181 -- with ``moe_router_enable_expert_bias`` (DeepSeek's
-#    e_score_correction_bias) ``TopKRouter`` creates ``expert_bias`` / ``local_tokens_per_expert``
-#    on the current CUDA device.
-# Shims b-c run the original function with ``torch.cuda.current_device`` answering "cpu" for the
-# duration of the call -- nothing else in those bodies changes.
-# d. transformer/dot_product_attention.py -- the local DotProductAttention refuses MLA's
+#    ``isinstance(self.linear_proj, TELinear)`` raises TypeError (TELinear is a MagicMock, not a
+#    class). When TELinear is not a class we set that module's ``HAVE_TE = False`` (its only use
+#    is that fp8/fp4 check).
+# b. transformer/dot_product_attention.py -- the local DotProductAttention refuses MLA's
 #    ``k_channels``/``v_channels`` (multi_latent_attention.py:153-164), sizes its output from
-#    ``kv_channels`` (wrong when v_head_dim differs), creates gpt-oss's learnable ``softmax_offset``
-#    on CUDA (:118-131) and builds the sliding-window mask with ``device="cuda"``
-#    (transformer/utils.py:38-45). :class:`LocalCoreAttention` is a plain-torch core attention with
-#    TEDotProductAttention's constructor and parameter names; the arch modules put it in the local
-#    spec (the TE spec keeps TEDotProductAttention).
-# e. tensor_parallel/layers.py:1294 -- RowParallelLinear (TP=1, no expert parallelism) returns the
+#    ``kv_channels`` (wrong when v_head_dim differs), and builds the sliding-window mask with
+#    ``device="cuda"`` (transformer/utils.py:38-45). :class:`LocalCoreAttention` is a plain-torch
+#    core attention with TEDotProductAttention's constructor and parameter names; the arch modules
+#    put it in the local spec (the TE spec keeps TEDotProductAttention).
+# c. tensor_parallel/layers.py:1294 -- RowParallelLinear (TP=1, no expert parallelism) returns the
 #    output of the identity autograd Function ``_ReduceFromModelParallelRegion`` (mappings.py:27-28
 #    returns its input as-is), and transformer/mlp.py:247 adds a biased expert's fc2 bias to it
 #    in place: autograd refuses ("a view ... is being modified inplace"), so gpt-oss cannot train on
 #    the local spec. With one rank we skip the Function (it is the identity both ways).
+# The CUDA placements MLA and gpt-oss also reach (YarnRotaryEmbedding built without
+# use_cpu_initialization, multi_latent_attention.py:131 / yarn_rotary_pos_embedding.py:76,120-126;
+# TopKRouter's expert_bias, moe/router.py:163-181) are covered by shim 1.
+# Shims a and c are correct in any process without TE / with one rank, so deactivate() keeps them.
 import math as _math
 
 from megatron.core.transformer.module import MegatronModule as _MegatronModule
@@ -271,49 +267,18 @@ from megatron.core.transformer.module import MegatronModule as _MegatronModule
 __all__ += ["install_mla_gpt_oss_shims", "use_local_core_attention", "LocalCoreAttention"]
 
 
-@contextlib.contextmanager
-def _current_device_is_cpu():
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original
-
-
-def _run_on_cpu(fn):
-    if getattr(fn, "_int4_qat_cpu_shim", False):
-        return fn
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with _current_device_is_cpu():
-            return fn(*args, **kwargs)
-
-    wrapper._int4_qat_cpu_shim = True
-    return wrapper
-
-
 def install_mla_gpt_oss_shims() -> None:
-    """Install shims a-e (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
+    """Install shims a and c (idempotent). Requires :func:`activate` (i.e. a CPU run)."""
     if not _ACTIVE:
         raise RuntimeError("install_mla_gpt_oss_shims: call int4_qat.compat.cpu.activate() first "
                            "(the local spec is the CPU path; on GPU build with use_te=True)")
-    from megatron.core.models.common.embeddings import rotary_pos_embedding as rpe
-    from megatron.core.models.common.embeddings import yarn_rotary_pos_embedding as yarn
     from megatron.core.tensor_parallel import layers as tp_layers
     from megatron.core.transformer import multi_latent_attention as mla
-    from megatron.core.transformer.moe import router
 
-    mla.HAVE_TE = False                                                           # shim a
-    # MLA with plain RoPE builds RotaryEmbedding without use_cpu_initialization too
-    # (multi_latent_attention.py:123-128 -> rotary_pos_embedding.py:78).
-    rpe.RotaryEmbedding.__init__ = _run_on_cpu(rpe.RotaryEmbedding.__init__)
-    yarn.YarnRotaryEmbedding.__init__ = _run_on_cpu(yarn.YarnRotaryEmbedding.__init__)  # shim b
-    yarn.YarnRotaryEmbedding.get_emb = _run_on_cpu(yarn.YarnRotaryEmbedding.get_emb)
-    router.TopKRouter.__init__ = _run_on_cpu(router.TopKRouter.__init__)          # shim c
+    if not isinstance(mla.TELinear, type):                                        # shim a
+        mla.HAVE_TE = False
     if not getattr(tp_layers.reduce_from_tensor_model_parallel_region, "_int4_qat_cpu_shim", False):
-        tp_layers.reduce_from_tensor_model_parallel_region = _reduce_unless_single_rank  # shim e
+        tp_layers.reduce_from_tensor_model_parallel_region = _reduce_unless_single_rank  # shim c
 
 
 def _reduce_unless_single_rank(input_, group=None):
@@ -329,7 +294,7 @@ _reduce_unless_single_rank._int4_qat_cpu_shim = True
 
 
 def use_local_core_attention(block_spec):
-    """Install shims a-e and put :class:`LocalCoreAttention` into every layer of a *local*
+    """Install shims a and c and put :class:`LocalCoreAttention` into every layer of a *local*
     decoder block spec (``get_gpt_decoder_block_spec(..., use_transformer_engine=False)``)."""
     install_mla_gpt_oss_shims()
     for layer_spec in block_spec.layer_specs:
@@ -338,7 +303,7 @@ def use_local_core_attention(block_spec):
 
 
 class LocalCoreAttention(_MegatronModule):
-    """Core attention ``softmax(q k^T * scale + mask [, sink]) v`` in plain torch (shim d).
+    """Core attention ``softmax(q k^T * scale + mask [, sink]) v`` in plain torch (shim b).
 
     Inputs follow Megatron's layout: query ``[sq, b, heads, dk]``, key ``[sk, b, groups, dk]``,
     value ``[sk, b, groups, dv]`` (GQA groups are repeated to the heads); output
