@@ -267,6 +267,38 @@ def test_nvfp4_global_scale_is_per_matrix():
     assert torch.allclose(q.global_scale[:, 0] * w.abs().amax((1, 2)), torch.tensor(2688.0))
 
 
+def test_nvfp4_shared_global_scale_for_fused_and_sharded_matrices():
+    gen = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(8, 64, generator=gen), torch.randn(8, 64, generator=gen) * 3
+    fused = nvfp4.quantize(torch.cat([gate, up]))           # Megatron linear_fc1 [gate; up]
+    shared = torch.maximum(nvfp4.matrix_amax(gate), nvfp4.matrix_amax(up))
+    for part, rows in ((gate, (0, 8)), (up, (8, 16))):
+        alone = nvfp4.quantize(part, global_amax=shared)
+        half = fused.rows(*rows)
+        assert torch.equal(half.global_scale, fused.global_scale)
+        assert torch.equal(half.codes, alone.codes) and torch.equal(half.global_scale,
+                                                                   alone.global_scale)
+        assert torch.equal(nvfp4.dequantize(half), nvfp4.fake_quantize(part, global_amax=shared))
+    assert not torch.equal(nvfp4.quantize(gate).global_scale, fused.global_scale)
+    # tensor-parallel shards (column- and row-parallel) with the max-reduced amax == unsharded
+    w = torch.randn(16, 128, generator=gen)
+    for dim in (0, 1):
+        shards = w.chunk(2, dim=dim)
+        amax = torch.stack([nvfp4.matrix_amax(p) for p in shards]).amax(0)
+        out = torch.cat([nvfp4.fake_quantize(p, global_amax=amax) for p in shards], dim=dim)
+        assert torch.equal(out, nvfp4.fake_quantize(w))
+
+
+def test_nvfp4_global_amax_validation():
+    w = torch.randn(4, 32)
+    with pytest.raises(ValueError, match=r"fc1: global_amax must be finite and >= the matrix"):
+        nvfp4.quantize(w, name="fc1", global_amax=nvfp4.matrix_amax(w) / 2)
+    with pytest.raises(ValueError, match=r"fc1: global_amax must be a tensor of shape \(1,\)"):
+        nvfp4.fake_quantize(w, name="fc1", global_amax=torch.ones(2))
+    with pytest.raises(ValueError, match=r"rows\(2, 9\) out of range for 4 rows"):
+        nvfp4.quantize(w).rows(2, 9)
+
+
 def test_nvfp4_zero_and_tiny_matrices():
     q = nvfp4.quantize(torch.zeros(2, 32))
     assert q.global_scale.tolist() == [1.0] and (q.scale.float() == 0.125).all()

@@ -100,6 +100,15 @@ class QuantizedTensor:
     def shape(self) -> torch.Size:
         return self.codes.shape
 
+    def rows(self, start: int, stop: int) -> "QuantizedTensor":
+        """Rows ``start:stop`` of dim -2 (out_features) with the same global scale, e.g. the
+        gate / up halves of a fused ``[2I, H]`` projection exported as two Linears."""
+        n = self.codes.shape[-2]
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"rows({start}, {stop}) out of range for {n} rows")
+        return QuantizedTensor(self.codes[..., start:stop, :], self.scale[..., start:stop, :],
+                               self.global_scale, self.group_size, self.fmt)
+
     def expert(self, index: int) -> "QuantizedTensor":
         """The ``index``-th matrix of a 3-D (or higher) stack, as its own 2-D QuantizedTensor."""
         if self.codes.ndim < 3:

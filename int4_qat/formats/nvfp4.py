@@ -21,7 +21,11 @@ Following compressed-tensors (quantization/utils/helpers.py ``generate_gparam`` 
 * ``s_eff = float32(s) / g`` and ``q = E2M1(w_fp32 / s_eff)`` (ties to even, saturating at 6).
 
 "Per tensor" means per 2-D matrix: a stacked expert weight ``[E, N, K]`` gets ``E`` global scales
-(``global_scale`` shape ``[E, 1]``), so each expert equals a per-expert export. For an fp32 matrix
+(``global_scale`` shape ``[E, 1]``), so each expert equals a per-expert export. Matrices that the
+server fuses must share one global scale (vLLM / SGLang serve an expert's gate_proj and up_proj as
+one ``w13`` with the gate's global scale, and q/k/v likewise): quantize the fused ``[gate; up]``
+matrix and split it with ``QuantizedTensor.rows``, or pass the max of the parts' ``matrix_amax``
+as ``global_amax``. A tensor-parallel shard passes its TP-group max the same way. For an fp32 matrix
 whose amax exceeds bf16's max (only fp32 weights can), ``g`` is computed from bf16's max instead,
 so the served bf16 weight saturates at about bf16's max instead of overflowing.
 
@@ -72,6 +76,7 @@ __all__ = [
     "E4M3_MAX",
     "E2M1_MAX",
     "ZERO_SCALE",
+    "matrix_amax",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -87,9 +92,32 @@ ZERO_SCALE = 0.125
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _global_scale(amax_blocks: Tensor) -> Tensor:
+def matrix_amax(w: Tensor) -> Tensor:
+    """max |w| of each 2-D matrix as float32 ``[..., 1]``: what the global scale is computed from.
+
+    Callers whose matrix is split across tensors max-reduce it and pass it back as ``global_amax``:
+    a tensor-parallel shard (``all_reduce(a, op=MAX)`` over the TP group), or the gate_proj /
+    up_proj (and q/k/v) halves of a fused projection, which vLLM / SGLang serve with ONE global
+    scale (vLLM compressed_tensors_moe_w4a4_nvfp4.py takes ``w13_weight_global_scale[:, 0]`` and
+    warns "w1_weight_global_scale must match w3_weight_global_scale").
+    """
+    return w.abs().amax(dim=(-2, -1)).float().unsqueeze(-1)
+
+
+def _global_scale(amax_blocks: Tensor, global_amax: Tensor | None, name: str) -> Tensor:
     """Per-matrix float32 global scale ``[..., 1]`` from block amaxes ``[..., N, K/16]``."""
     amax = amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1)
+    if global_amax is not None:
+        if not isinstance(global_amax, Tensor) or global_amax.shape != amax.shape:
+            raise ValueError(f"{name}: global_amax must be a tensor of shape {tuple(amax.shape)} "
+                             f"(one per 2-D matrix, see matrix_amax), got "
+                             f"{getattr(global_amax, 'shape', type(global_amax).__name__)}")
+        ga = global_amax.to(device=amax.device, dtype=torch.float32)
+        if not bool((torch.isfinite(ga) & (ga >= amax)).all()):
+            raise ValueError(f"{name}: global_amax must be finite and >= the matrix's own amax "
+                             f"(a max over a larger group), got {ga.flatten().tolist()[:4]} vs "
+                             f"{amax.flatten().tolist()[:4]}")
+        amax = ga
     amax = amax.clamp(min=_TINY, max=BF16_MAX)
     # compressed-tensors writes ``448 * 6 / amax`` with a Python scalar numerator, which torch
     # evaluates as ``amax.reciprocal() * 2688`` (Tensor.__rtruediv__): same ops here, bit for bit.
@@ -108,14 +136,14 @@ def _effective(s: Tensor, g: Tensor) -> Tensor:
     return s.float() / g.unsqueeze(-1)
 
 
-def _scaled(w: Tensor, group_size: int, name: str):
+def _scaled(w: Tensor, group_size: int, name: str, global_amax: Tensor | None = None):
     """-> (w / s_eff float32 ``[..., N, K/16, 16]``, e4m3 scales, global scales, s_eff)."""
     check_group_size(group_size, name, allowed=(DEFAULT_GROUP_SIZE,))
     check_weight(w, group_size, name)
     wg = group_view(w, group_size).float()
     amax_b = wg.abs().amax(dim=-1)
     check_finite(amax_b, name)
-    g = _global_scale(amax_b)
+    g = _global_scale(amax_b, global_amax, name)
     s = _block_scales(amax_b, g)
     s_eff = _effective(s, g)
     return wg / s_eff.unsqueeze(-1), s, g, s_eff
@@ -126,11 +154,14 @@ def _served(values_g: Tensor, s_eff: Tensor) -> Tensor:
     return (values_g * s_eff.unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
 
 
-def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
-             name: str = "weight") -> QuantizedTensor:
-    """Quantize ``w [..., N, K]`` to E2M1 codes, E4M3 block scales and float32 global scales."""
+def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
+             global_amax: Tensor | None = None) -> QuantizedTensor:
+    """Quantize ``w [..., N, K]`` to E2M1 codes, E4M3 block scales and float32 global scales.
+
+    ``global_amax`` (float32 ``[..., 1]``, see :func:`matrix_amax`) replaces each matrix's own
+    amax in the global scale, for matrices that must share one (TP shards, fused gate/up)."""
     with torch.no_grad():
-        x, s, g, _ = _scaled(w, group_size, name)
+        x, s, g, _ = _scaled(w, group_size, name, global_amax)
         codes = e2m1_encode(x).flatten(-2)
     return QuantizedTensor(codes=codes, scale=s, global_scale=g, group_size=group_size,
                            fmt=QuantFormat.NVFP4)
@@ -143,15 +174,15 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tenso
     return _served(e2m1_decode(group_view(q.codes, q.group_size)), s_eff).to(dtype)
 
 
-def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *,
-                  name: str = "weight") -> Tensor:
+def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
+                  global_amax: Tensor | None = None) -> Tensor:
     """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE).
 
     Computed without materialising codes (E2M1 values straight from the rounding), which the
     tests hold bit-equal to the decode path."""
 
     def fn(x: Tensor) -> Tensor:
-        scaled, _, _, s_eff = _scaled(x, group_size, name)
+        scaled, _, _, s_eff = _scaled(x, group_size, name, global_amax)
         return _served(e2m1_round(scaled), s_eff).to(x.dtype)
 
     return straight_through(w, fn)
