@@ -287,6 +287,15 @@ class SlurmSection(_Section):
     account: str | None = None
     port: StrictInt = Field(29500, ge=1024, le=65535, description="c10d rendezvous port on the head node")
 
+    @field_validator("time", mode="before")
+    @classmethod
+    def _quoted_time(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            # YAML 1.1 reads an unquoted 72:00:00 as the base-60 integer 259200
+            raise ValueError(f"slurm.time: got the number {v}; quote the time in the YAML, "
+                             f'e.g. time: "72:00:00" (unquoted H:MM:SS is read as base-60)')
+        return v
+
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 

@@ -106,6 +106,16 @@ def test_invalid_recipe_messages(tmp_path, mutate, match):
     assert isinstance(ei.value, ValueError)
 
 
+def test_yaml_1_1_quirks(tmp_path):
+    p = tmp_path / "tiny-moe.yaml"
+    text = TINY.read_text().replace("lr: 1.0e-3", "lr: 1e-3")          # PyYAML: a string
+    p.write_text(text)
+    assert Recipe.load(p).train.lr == 1e-3
+    p.write_text(text.replace('slurm: {time: "00:30:00"}', "slurm: {time: 72:00:00}"))
+    with pytest.raises(RecipeError, match=r'slurm\.time: got the number 259200; quote the time'):
+        Recipe.load(p)
+
+
 def test_all_errors_reported_at_once(tmp_path):
     d = _tiny()
     d["parallel"]["tp"] = "2"
