@@ -34,6 +34,14 @@ quantized (router, embeddings, norms, lm_head, biases always stay BF16): BF16 2 
 ``pack-quantized``); MXFP4 ``0.5 + 1/32`` (E8M0 per 32); NVFP4 ``0.5 + 1/16`` (E4M3 per 16) +
 a 4 B global scale per tensor. A checkpoint "fits" N GPUs when its weights take ≤ 85% of their
 memory (the rest is KV cache and activations).
+
+**Launch checks** (:func:`check_recipe`, run by ``tools/launch.py`` before anything starts):
+the schema, the layout (:func:`int4_qat.parallel.validate_layout`: world size, expert folding,
+pipeline split, heads, groups vs TP/ETP shards), export formats equal to the trained format,
+Marlin's INT4 MoE limits at the serving layout, FP4 blocks per serving rank, and this plan
+≤ 141 GB per GPU. Example: Qwen3-30B-A3B has ``moe_intermediate_size`` 768; at SGLang TP 4 a rank
+holds 192 columns of each expert, not a multiple of 128, so g128 fails there (g64, or serving
+EP 4 with whole experts, pass).
 """
 from __future__ import annotations
 
