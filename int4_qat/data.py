@@ -246,26 +246,36 @@ def system_corpus_paths() -> list[Path]:
     return py + lic
 
 
-@functools.lru_cache(maxsize=2)
-def _system_corpus_cached() -> tuple[str, ...]:
-    docs: list[str] = []
+def _iter_system_docs() -> Iterator[str]:
     for f in system_corpus_paths():
         if f.suffix == ".py":
-            docs.extend(_py_docstrings(f))
+            yield from _py_docstrings(f)
         else:
-            docs.extend(_txt_documents(f, "paragraph"))
+            yield from _txt_documents(f, "paragraph")
+
+
+@functools.lru_cache(maxsize=1)
+def _system_corpus_cached() -> tuple[str, ...]:
+    docs = tuple(_iter_system_docs())
     if not docs:
         raise ValueError("system corpus is empty: no stdlib sources found under sysconfig 'stdlib'")
-    return tuple(docs)
+    return docs
 
 
 def system_corpus(max_docs: int | None = None) -> list[str]:
     """Real English documents from this machine: stdlib docstrings + common licences (~1.5 MB).
 
-    Parsed once per process (~4 s). ``max_docs`` keeps the first documents only (a quick subset).
+    The whole corpus is parsed once per process (~4 s on one core). ``max_docs`` returns the
+    first documents only and parses just the files needed for them (a quick subset for tests).
     """
-    docs = list(_system_corpus_cached())
-    return docs if max_docs is None else docs[:max_docs]
+    if max_docs is None:
+        return list(_system_corpus_cached())
+    out: list[str] = []
+    for d in _iter_system_docs():
+        if len(out) >= max_docs:
+            break
+        out.append(d)
+    return out
 
 
 def split_documents(docs: Sequence[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -1,0 +1,91 @@
+"""Helpers for the training tests, and the torchrun worker they launch.
+
+``python -m torch.distributed.run --nproc-per-node 2 tests/_dist_worker.py SPEC.json`` builds a
+:class:`int4_qat.train.Trainer` for the recipe in the spec (on CPU, gloo), records the *gathered*
+fake-quantized weights (HF names, full tensors, via ``int4_qat.arch.export_hf_state_dict``),
+runs ``steps`` optimizer steps, records the losses and the gathered fake-quantized weights again,
+optionally saves a checkpoint, and rank 0 writes everything to ``spec["result"]`` (torch.save).
+The single-process reference calls :func:`run_layout` in the test process itself.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_recipe(model: str, *, data: list[str], fmt: str = "int4", group: int | None = 32,
+                scope: str = "experts", parallel: dict | None = None, **train):
+    """A tiny CPU recipe (``model``: a dir under recipes/models) with test-sized training."""
+    from int4_qat.recipe import Recipe
+
+    quant = {"format": fmt, "scope": scope}
+    if fmt == "int4":
+        quant.update(group_size=group, scale_rule="amax/7")
+    t = dict(data=data, eval_fraction=0.05, seq_length=32, global_batch=4, micro_batch=2, lr=3e-3,
+             min_lr=3e-4, warmup_steps=2, steps=20, weight_decay=0.01, grad_clip=1.0,
+             eval_interval=1000, eval_iters=1, log_interval=1000, seed=1234, precision="fp32",
+             save_interval=1000)
+    t.update(train)
+    return Recipe.from_dict({
+        "name": "test-" + model.replace("_", "-"),
+        "model": {"config": str(REPO / "recipes" / "models" / model), "checkpoint": None, "tokenizer": None},
+        "parallel": {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "dp": 1, "sequence_parallel": False,
+                     "nodes": 1, "gpus_per_node": 1, **(parallel or {})},
+        "quant": quant, "train": t, "export": {"formats": [fmt]},
+    })
+
+
+def gathered_fake_quant(trainer) -> dict[str, torch.Tensor]:
+    """HF-named full tensors of the model with every quantized weight replaced by its fake quant
+    (collective: every rank calls it). Unquantized tensors are included as they are."""
+    from int4_qat.arch import export_hf_state_dict
+    from int4_qat.checkpoint import _unwrap
+    from int4_qat.modelopt_backend import fake_quantized_weights
+
+    inner = _unwrap(trainer.model)
+    params = dict(inner.named_parameters())
+    fq = fake_quantized_weights(inner)
+    saved = {k: params[k].data.clone() for k in fq}
+    with torch.no_grad():
+        for k, v in fq.items():
+            params[k].data.copy_(v)
+        out = {n: t.clone() for n, t in export_hf_state_dict(inner, trainer.arch)}
+        for k, v in saved.items():
+            params[k].data.copy_(v)
+    return out
+
+
+def run_layout(spec: dict) -> dict:
+    """Build, record fake-quant weights, step, record again; see the module docstring."""
+    from int4_qat.recipe import Recipe
+    from int4_qat.train import Trainer
+
+    recipe = Recipe.from_dict(spec["recipe"])
+    tr = Trainer(recipe, cpu=True, quant=spec.get("quant", True), init_from=spec.get("init_from"),
+                 out=spec["out"], resume=False, log=lambda s: None)
+    res = {"fq_before": gathered_fake_quant(tr)}
+    res["losses"] = [tr.train_step()["loss"] for _ in range(spec["steps"])]
+    res["fq_after"] = gathered_fake_quant(tr)
+    if spec.get("save"):
+        res["checkpoint"] = str(tr.save())
+    return res
+
+
+def main(argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    spec = json.loads(Path(argv[0]).read_text())
+    res = run_layout(spec)
+    if dist.get_rank() == 0:
+        torch.save(res, spec["result"])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
