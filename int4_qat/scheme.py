@@ -38,7 +38,7 @@ The scheme serialises to the recipe's ``quant:`` section (:meth:`to_dict` / :met
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping
 
@@ -49,8 +49,21 @@ from int4_qat.formats import int4 as _int4
 from int4_qat.formats import mxfp4 as _mxfp4
 from int4_qat.formats import nvfp4 as _nvfp4
 
+# ModelOpt helpers re-exported for callers that hold a quantized model (modelopt itself is only
+# imported when they run): the exact fake-quantized weights by parameter name, the enabled weight
+# quantizers, and backend registration (needed before the first forward of a model restored from
+# a ModelOpt state; QuantScheme.apply does it).
+from int4_qat.modelopt_backend import (  # noqa: E402
+    enabled_weight_quantizers,
+    fake_quantized_weights,
+    register_backend,
+)
+
 __all__ = [
     "QuantScheme",
+    "enabled_weight_quantizers",
+    "fake_quantized_weights",
+    "register_backend",
     "Scope",
     "SCALE_RULES",
     "FIXED_GROUP_SIZES",
@@ -190,7 +203,6 @@ class QuantScheme:
     group_size: int | None = None
     scope: Scope = Scope.EXPERTS
     scale_rule: str | None = None
-    _fmt_module: Any = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         fmt = _coerce_enum(QuantFormat, self.format, "format")
@@ -225,9 +237,12 @@ class QuantScheme:
         object.__setattr__(self, "scope", scope)
         object.__setattr__(self, "group_size", group)
         object.__setattr__(self, "scale_rule", rule)
-        object.__setattr__(self, "_fmt_module", get_format(fmt))
 
     # ---------------------------------------------------------------- numerics (delegated)
+    @property
+    def _fmt_module(self):
+        return get_format(self.format)
+
     @property
     def rule_kwargs(self) -> dict[str, str]:
         """Keyword arguments the format functions take besides the group size."""

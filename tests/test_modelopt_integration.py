@@ -463,8 +463,12 @@ def test_hf_fused_experts_nvfp4(model_type):
             torch.testing.assert_close(seen[f"{wname}_weight_quantizers.0"], value[0],
                                        atol=0, rtol=0)
         else:
-            # gpt-oss: the whole [E, N, K] tensor, so ONE global scale for all experts
+            # gpt-oss: the quantizer sees the whole transposed [E, N, K] stack; the NVFP4 global
+            # scale is still one per 2-D matrix (per expert), so per-expert slices agree
             ref = scheme.fake_quantize(w.transpose(-1, -2).contiguous()).transpose(-1, -2)
+            per_expert = torch.stack([scheme.fake_quantize(w[e].t().contiguous()).t()
+                                      for e in range(w.shape[0])])
+            torch.testing.assert_close(ref, per_expert, atol=0, rtol=0)
             torch.testing.assert_close(seen[f"{wname}_weight_quantizer"],
                                        value.transpose(-1, -2), atol=0, rtol=0)
         torch.testing.assert_close(value, ref, atol=0, rtol=0)

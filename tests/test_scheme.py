@@ -66,6 +66,13 @@ def test_dict_round_trip(scheme):
     assert QuantScheme.from_dict(d) == scheme
 
 
+def test_scheme_pickles():
+    import pickle
+
+    s = QuantScheme(format="nvfp4", scope="all-linear")
+    assert pickle.loads(pickle.dumps(s)) == s
+
+
 def test_from_dict_errors_and_defaults():
     assert QuantScheme.from_dict({"format": "nvfp4"}) == QuantScheme(format="nvfp4")
     with pytest.raises(ValueError, match=r"unknown quant scheme key\(s\) \['groupsize'\]"):
