@@ -40,15 +40,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-baselines", action="store_true", help="skip the ModelOpt AWQ / FP8 rows")
     p.add_argument("--seed", type=int, help="seed (default 1234)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: tiny matmuls, shared CPU)")
+    p.add_argument("--verbose", action="store_true", help="keep library warnings and progress bars")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if not a.verbose:   # Megatron/ModelOpt/transformers warn about TE, Apex, CUDA on every import
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from int4_qat.demo import DemoConfig, ci_config, run_demo
 
     kw = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("ci", "out", "formats", "no_baselines")}
+          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "verbose")}
     if a.formats:
         kw["formats"] = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     if a.no_baselines:

@@ -177,36 +177,48 @@ def _pyplot():
 
 def plot_loss_curves(path: str | os.PathLike, curves: Sequence[Curve],
                      ptq_levels: dict[str, float] | None = None, smooth: int = 5) -> Path:
-    """Training loss per step (moving average over ``smooth`` steps, raw curve faint), PTQ eval
-    losses as dashed horizontal levels over the continuation phase."""
+    """Two panels: the whole run (training loss per step, moving average over ``smooth`` steps,
+    raw curve faint; dots = held-out eval) and a zoom on the continuation phase, where the BF16 and
+    QAT curves are compared and the PTQ eval losses are drawn as dashed levels."""
     if not curves:
         raise ValueError("plot_loss_curves: no curves to plot")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
-    start_cont = None
-    for i, c in enumerate(curves):
-        color = f"C{i}"
-        ax.plot(c.steps, c.losses, color=color, alpha=0.25, linewidth=0.8)
-        ax.plot(c.steps, _moving_average(c.losses, smooth), color=color, linewidth=1.6,
-                label=f"{c.label} (train)")
-        if c.eval:
-            es, el = zip(*c.eval)
-            ax.plot(es, el, "o", color=color, markersize=4, markeredgecolor="k",
-                    markeredgewidth=0.4)
-        if i > 0 and c.steps:
-            start_cont = c.steps[0] if start_cont is None else min(start_cont, c.steps[0])
-    if ptq_levels:
-        x0 = start_cont if start_cont is not None else min(curves[0].steps)
-        x1 = max(max(c.steps) for c in curves if c.steps)
-        for j, (label, v) in enumerate(ptq_levels.items()):
-            ax.hlines(v, x0, x1, colors=f"C{(j + len(curves)) % 10}", linestyles="--",
-                      linewidth=1.0, label=f"{label} PTQ (eval)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.set_title("Training loss: BF16 then continuation (BF16 / QAT); PTQ eval levels dashed;"
-                 " dots = held-out eval", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110,
+                             gridspec_kw={"width_ratios": [1, 1.2]})
+    cont = [c for c in curves[1:] if c.steps]
+    start = min(c.steps[0] for c in cont) if cont else None
+    for ax, zoom in zip(axes, (False, True)):
+        ys: list[float] = []
+        for i, c in enumerate(curves):
+            if zoom and (start is None or not c.steps or c.steps[-1] < start):
+                continue
+            color = f"C{i}"
+            ma = _moving_average(c.losses, smooth)
+            if not zoom:
+                ax.plot(c.steps, c.losses, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(c.steps, ma, color=color, linewidth=1.5, label=f"{c.label} (train, MA{smooth})")
+            ys += ma[smooth:] if zoom else []
+            if c.eval:
+                es, el = zip(*c.eval)
+                ax.plot(es, el, "o", color=color, markersize=4, markeredgecolor="k",
+                        markeredgewidth=0.4)
+                ys += list(el) if zoom else []
+        if zoom and ptq_levels and start is not None:
+            x1 = max(c.steps[-1] for c in cont)
+            for j, (label, v) in enumerate(ptq_levels.items()):
+                ax.hlines(v, start, x1, colors=f"C{(j + len(curves)) % 10}", linestyles="--",
+                          linewidth=1.0, label=f"{label} PTQ (eval)")
+                ys.append(v)
+        if zoom and ys:
+            lo, hi = min(ys), max(ys)
+            pad = 0.1 * (hi - lo + 1e-3)
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, ncol=2 if zoom else 1)
+        ax.set_title("continuation: BF16 vs QAT (dots = held-out eval), PTQ dashed" if zoom else
+                     "whole run: BF16, then continuation per variant", fontsize=9)
     return _save(fig, path, plt)
 
 
@@ -238,7 +250,7 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(r.eval_loss)
         bars = ax.bar(xs, ys, width=width * 0.95, label=m, color=f"C{j}")
-        ax.bar_label(bars, fmt="%.3f", fontsize=6, rotation=90, padding=2)
+        ax.bar_label(bars, fmt="%.4f", fontsize=6, rotation=90, padding=2)
     for k, r in enumerate(r for r in rows if r.format == "bf16"):
         ax.axhline(r.eval_loss, color="k", linestyle=":" if k else "--", linewidth=1,
                    label=f"bf16 {r.method} ({r.eval_loss:.3f})")
