@@ -57,10 +57,16 @@ def ckpts(tmp_path_factory):
     (root / "variant-cfg").mkdir()
     (root / "variant-cfg" / "config.json").write_text(json.dumps(cfg))
     out["variant"] = make_tiny_hf_checkpoint(root / "variant-cfg", root / "variant", seed=3)
+    # dense with tied embeddings (the small Qwen3s): no lm_head tensor, output layer = embedding
+    cfg = json.loads((TINY_CONFIGS_DIR / "tiny-qwen3" / "config.json").read_text())
+    cfg.update(tie_word_embeddings=True)
+    (root / "tied-cfg").mkdir()
+    (root / "tied-cfg" / "config.json").write_text(json.dumps(cfg))
+    out["tied"] = make_tiny_hf_checkpoint(root / "tied-cfg", root / "tied", seed=5)
     return out
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3", "variant"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3", "variant", "tied"])
 def test_logits_match_transformers(ckpts, kind):
     arch, model = load_megatron(ckpts[kind])
     ids = _ids(arch.vocab_size)
@@ -78,7 +84,8 @@ def test_logits_match_transformers(ckpts, kind):
         assert (megatron_logits(model, ids) - ref).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind,dtype", [("qwen3_moe", torch.bfloat16), ("qwen3", torch.float32)])
+@pytest.mark.parametrize("kind,dtype", [("qwen3_moe", torch.bfloat16), ("qwen3", torch.float32),
+                                        ("tied", torch.float32)])
 def test_import_export_round_trip_is_exact(ckpts, kind, dtype):
     arch, model = load_megatron(ckpts[kind], params_dtype=dtype)
     exported = dict(export_hf_state_dict(model, arch, dtype=dtype))
@@ -165,6 +172,13 @@ def test_import_errors_name_tensor_and_file(ckpts, tmp_path):
     d = _rewrite(ckpts["qwen3_moe"], tmp_path / "stray",
                  lambda t: {**t, "model.layers.0.mlp.shared_expert.up_proj.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="shared_expert.*match no qwen3_moe mapping rule"):
+        import_hf_checkpoint(model, arch, d)
+
+    d = tmp_path / "quantized"
+    shutil.copytree(ckpts["qwen3_moe"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "x"}}))
+    with pytest.raises(ValueError, match="quantized"):
         import_hf_checkpoint(model, arch, d)
 
     d = tmp_path / "pickle"

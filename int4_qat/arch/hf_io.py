@@ -275,6 +275,10 @@ def import_hf_checkpoint(model, arch: Arch, hf_dir: str | os.PathLike) -> dict:
     declares them ignorable). Returns ``{"tensors": n_local_tensors, "hf_tensors": n_read}``.
     """
     tp_rank, tp, etp_rank, etp, _, _ = _parallel()
+    cfg_path = Path(hf_dir) / "config.json"
+    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("quantization_config"):
+        raise ValueError(f"{cfg_path}: the checkpoint is quantized ('quantization_config'); "
+                         "import_hf_checkpoint reads unquantized BF16/FP32 weights only")
     slots = _slots(model, arch)
     with HFCheckpointReader(hf_dir) as reader:
         known = [template_regex(t) for rule in arch.rules() for t in rule.hf]
