@@ -155,3 +155,62 @@ def test_demo_plots_are_pngs(ci_run):
         assert p.read_bytes()[:8] == PNG_SIGNATURE, name
         img = plt.imread(str(p))
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300, (name, img.shape)
+
+
+# ----------------------------------------------------------------------------- baselines
+@pytest.fixture(scope="module")
+def tiny_megatron():
+    import torch
+
+    from int4_qat.arch import build_model, load_arch
+    from int4_qat.compat import cpu
+
+    cpu.init_single_process_gloo(seed=7)
+    arch = load_arch(os.path.join(REPO, "recipes", "models", "tiny-qwen3-moe"))
+
+    def make():
+        torch.manual_seed(7)
+        return build_model(arch, use_te=False, params_dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 256, (2, 32), generator=g) for _ in range(2)]
+    return make, calib
+
+
+def test_fp8_baseline_is_per_channel_e4m3_on_experts_only(tiny_megatron):
+    import torch
+
+    from int4_qat.demo.baselines import enabled_weight_quantizers, fp8_weight_only
+
+    make, calib = tiny_megatron
+    model = fp8_weight_only(make(), calib, scope="experts")
+    names = enabled_weight_quantizers(model)
+    assert names and all(".mlp.experts.local_experts." in n for n in names)
+    assert not any("router" in n or "self_attention" in n or "output_layer" in n for n in names)
+    lin = model.decoder.layers[0].mlp.experts.local_experts[3].linear_fc1
+    w = lin.weight.detach()
+    with torch.no_grad():
+        got = lin.weight_quantizer(w)
+    # reference: torch's own E4M3 cast with one scale per output row, amax / 448
+    scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+    ref = (w / scale).to(torch.float8_e4m3fn).to(torch.float32) * scale
+    assert not torch.equal(got, w)                       # it did quantize
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
+
+
+def test_awq_baseline_calibrates_expert_inputs(tiny_megatron):
+    import torch
+
+    from int4_qat.demo.baselines import awq_int4, enabled_weight_quantizers, scope_quantizer_globs
+
+    make, calib = tiny_megatron
+    model = awq_int4(make(), calib, scope="experts", group_size=32)
+    names = enabled_weight_quantizers(model)
+    assert len(names) == 2 * 8 * 2                     # fc1 + fc2, 8 experts, 2 layers
+    lin = model.decoder.layers[1].mlp.experts.local_experts[0].linear_fc1
+    pqs = getattr(lin.input_quantizer, "_pre_quant_scale", None)
+    assert pqs is not None and pqs.shape == (lin.weight.shape[1],) and torch.isfinite(pqs).all()
+    assert model.decoder.layers[1].mlp.router.weight.requires_grad is not None
+    assert not hasattr(model.decoder.layers[1].mlp.router, "weight_quantizer") or \
+        not model.decoder.layers[1].mlp.router.weight_quantizer.is_enabled
+    with pytest.raises(ValueError, match="scope 'dense'"):
+        scope_quantizer_globs("dense")
