@@ -196,6 +196,30 @@ def test_apply_on_torch_model(fmt, scope):
         torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-6, atol=1e-9)
 
 
+def test_modelopt_state_round_trip_keeps_the_backend():
+    """What a checkpoint does: save modelopt_state + state_dict, restore into a fresh model."""
+    import pickle
+
+    import modelopt.torch.opt as mto
+
+    torch.manual_seed(0)
+    model = TinyMoE()
+    QuantScheme(format="nvfp4").apply(model)
+    ids = torch.randint(0, V, (2, 8))
+    blob = pickle.dumps((mto.modelopt_state(model), model.state_dict()))
+    state, sd = pickle.loads(blob)
+    fresh = mto.restore_from_modelopt_state(TinyMoE(), state)
+    fresh.load_state_dict(sd)
+    register_backend()
+    restored = enabled_weight_quantizers(fresh)
+    assert set(restored) == set(enabled_weight_quantizers(model))
+    q = restored["model.layers.0.mlp.experts.2.down_proj.weight_quantizer"]
+    assert q.backend == BACKEND_NAME and q.backend_extra_args == {
+        "format": "nvfp4", "group_size": 16, "name": "model.layers.0.mlp.experts.2.down_proj.weight"}
+    with torch.no_grad():
+        torch.testing.assert_close(_loss(fresh, ids), _loss(model, ids), atol=0, rtol=0)
+
+
 def test_backend_error_names_the_weight():
     model = TinyMoE()
     model.model.layers[0].mlp.experts[1].down_proj = nn.Linear(96, H, bias=False)
