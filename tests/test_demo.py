@@ -73,7 +73,7 @@ def test_config_validation():
 
     with pytest.raises(ValueError, match=r"--formats: unknown \['int3'\]"):
         DemoConfig(formats=("int3",))
-    with pytest.raises(ValueError, match="--hidden 64: int4-g128 needs hidden % 128"):
+    with pytest.raises(ValueError, match="--hidden 64: int4-g128 needs hidden % 128 == 0"):
         DemoConfig(hidden=64, heads=4, formats=("int4-g128",))
     with pytest.raises(ValueError, match="--global-batch 6 must be a multiple of --micro-batch 4"):
         DemoConfig(global_batch=6, micro_batch=4)
@@ -124,23 +124,28 @@ def test_demo_int4_qat_beats_ptq(ci_run):
 
 @pytest.mark.slow
 def test_demo_reloaded_export_matches_training_side(ci_run):
+    checked = 0
     for r in ci_run[2]["rows"]:
-        if r["measured_on"] != "export":
+        if r["measured_on"] != "export" or r["format"] == "nvfp4":   # nvfp4: see the xfail below
             continue
         assert abs(r["eval_loss"] - r["train_side_loss"]) < 1e-4, r
-        if r["format"] != "nvfp4":
-            # exact same served weights on both sides: only fp32 summation order differs
-            assert r["mean_abs_dlogprob"] < 1e-5 and r["max_abs_dlogprob"] < 1e-4, r
+        # the same served weights on both sides: only fp32 summation order differs
+        assert r["mean_abs_dlogprob"] < 1e-5 and r["max_abs_dlogprob"] < 1e-4, r
+        checked += 1
+    assert checked == 2 + 2 * 3          # bf16 x2, (int4-g32, int4-g128, mxfp4) x (ptq, qat)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="exporter gives gate_proj and up_proj separate NVFP4 global scales while "
-                          "training fake-quantizes the fused [gate; up] with one (as vLLM/SGLang "
-                          "serve w13); see int4_qat/formats/nvfp4.py global_amax", strict=False)
-def test_demo_nvfp4_export_bit_matches_training_side(ci_run):
-    for r in ci_run[2]["rows"]:
-        if r["format"] == "nvfp4":
-            assert r["mean_abs_dlogprob"] < 1e-5, r
+@pytest.mark.xfail(reason="the exporter gives gate_proj and up_proj separate NVFP4 global scales "
+                          "while training fake-quantizes the fused [gate; up] fc1 with one (as "
+                          "vLLM/SGLang serve w13); int4_qat.formats.nvfp4 has global_amax= for it, "
+                          "int4_qat.export does not pass it yet", strict=False)
+def test_demo_nvfp4_export_matches_training_side(ci_run):
+    rows = [r for r in ci_run[2]["rows"] if r["format"] == "nvfp4"]
+    assert len(rows) == 2
+    for r in rows:
+        assert abs(r["eval_loss"] - r["train_side_loss"]) < 1e-4, r
+        assert r["mean_abs_dlogprob"] < 1e-5, r
 
 
 @pytest.mark.slow

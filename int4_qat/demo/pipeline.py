@@ -101,14 +101,16 @@ class DemoConfig:
             raise ValueError(f"--heads {self.heads}: must be even (2 query heads per KV head)")
         inter = self.moe_intermediate or self.hidden
         for name in self.formats:
-            g = VARIANTS[name].get("group_size", 32 if VARIANTS[name]["format"] == "mxfp4" else 16)
-            # Marlin (SGLang/vLLM marlin_utils.py): hidden % 128 == 0 and I % max(64, G) == 0
-            if self.hidden % max(g, 128 if VARIANTS[name]["format"] == "int4" else g):
-                raise ValueError(f"--hidden {self.hidden}: {name} needs hidden % "
-                                 f"{max(g, 128)} == 0 (group {g}; Marlin MoE needs hidden % 128)")
-            if inter % max(g, 64 if VARIANTS[name]["format"] == "int4" else g):
-                raise ValueError(f"--moe-intermediate {inter}: {name} needs it divisible by "
-                                 f"{max(g, 64)} (group {g} / Marlin)")
+            fmt = VARIANTS[name]["format"]
+            g = VARIANTS[name].get("group_size", {"mxfp4": 32, "nvfp4": 16}.get(fmt))
+            # groups must tile K (hidden for fc1 / gate_up, moe_intermediate for fc2 / down); INT4
+            # MoE must also be Marlin-servable (SGLang/vLLM marlin_utils.py: hidden % 128 == 0,
+            # intermediate % max(64, G) == 0), which the exporter checks too.
+            need_h, need_i = (128, max(64, g)) if fmt == "int4" else (g, g)
+            if self.hidden % need_h:
+                raise ValueError(f"--hidden {self.hidden}: {name} needs hidden % {need_h} == 0")
+            if inter % need_i:
+                raise ValueError(f"--moe-intermediate {inter}: {name} needs it % {need_i} == 0")
         if self.scope not in ("experts", "all-linear"):
             raise ValueError(f"--scope {self.scope!r}: choose experts or all-linear")
 

@@ -41,6 +41,7 @@ __all__ = [
     "plot_checkpoint_sizes",
     "write_report",
     "is_png",
+    "headlines",
 ]
 
 #: First 8 bytes of every PNG file (PNG spec, section 5.2).
@@ -144,6 +145,9 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "QAT rows against the BF16 model continued for the same token budget. "
            "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
            "the reloaded export, on the eval tokens.", ""]
+    heads = headlines(rows)
+    if heads:
+        md += ["Headlines (computed from the table):", *[f"- {h}" for h in heads], ""]
     notes = [f"- {r.format} / {r.method}: {r.note}" for r in rows if r.note]
     if notes:
         md += ["Notes:", *notes, ""]
@@ -157,6 +161,27 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
     js_path = out / "summary.json"
     js_path.write_text(json.dumps(js, indent=2, default=_json_default) + "\n")
     return md_path, js_path
+
+
+def headlines(rows: Sequence[Row]) -> list[str]:
+    """One line per format with both a PTQ and a QAT row: the two Δ vs BF16 and how much of the
+    PTQ loss gap QAT closes (1 - Δqat / Δptq), plus the largest train-infer mismatch."""
+    by = {(r.format, r.method): r for r in rows}
+    out = []
+    for f in dict.fromkeys(r.format for r in rows):
+        p, q = by.get((f, "ptq")), by.get((f, "qat"))
+        if p is None or q is None or p.delta_vs_bf16 is None or q.delta_vs_bf16 is None:
+            continue
+        line = f"{f}: PTQ Δ {p.delta_vs_bf16:+.4f}, QAT Δ {q.delta_vs_bf16:+.4f} nats vs BF16"
+        if p.delta_vs_bf16 > 1e-3:   # a gap worth a percentage
+            line += f" (QAT closes {100 * (1 - q.delta_vs_bf16 / p.delta_vs_bf16):.0f}% of the PTQ gap)"
+        out.append(line)
+    mm = [r for r in rows if r.max_abs_dlogprob is not None]
+    if mm:
+        worst = max(mm, key=lambda r: r.max_abs_dlogprob)
+        out.append(f"largest train-infer |Δ logprob|: {worst.max_abs_dlogprob:.2e} "
+                   f"({worst.format} {worst.method}; mean {worst.mean_abs_dlogprob:.2e})")
+    return out
 
 
 def _json_default(o: Any) -> Any:
