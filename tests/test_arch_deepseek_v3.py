@@ -220,3 +220,26 @@ def test_variant_plain_q_rope_no_groups_tied(tmp_path):
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+@pytest.mark.parametrize("scope, expected", [("experts", 2 * 8 * 2), ("all-linear", 53)])
+def test_quant_scheme_scopes(ckpt, scope, expected):
+    """Fake quant lands where the Kimi-K2 convention says: routed experts only (not the shared
+    expert, not the dense first layer) for ``experts``; every decoder linear for ``all-linear``
+    (3 x 5 MLA projections + dense fc1/fc2 + 2 x (shared fc1/fc2 + 8 x 2 experts)); the tiny
+    config keeps every in_features (incl. q/kv LoRA ranks 128) divisible by group 128."""
+    from int4_qat.scheme import QuantScheme, enabled_weight_quantizers
+
+    arch = load_arch(ckpt)
+    model = build_model(arch, use_te=False)
+    import_hf_checkpoint(model, arch, ckpt)
+    ids = torch.randint(0, 320, (1, 16), generator=torch.Generator().manual_seed(2))
+    args = (ids, torch.arange(16)[None], compat_cpu.causal_attention_mask(16))
+    with torch.no_grad():
+        ref = model.eval()(*args)
+        QuantScheme.from_dict({"format": "int4", "group_size": 128, "scope": scope}).apply(model)
+        out = model(*args)
+    names = list(enabled_weight_quantizers(model))
+    assert len(names) == expected
+    assert not any("router" in n or "shared_experts" in n for n in names) or scope == "all-linear"
+    assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3

@@ -219,3 +219,20 @@ def test_backward_reaches_sinks_and_expert_biases(ckpt):
         trained = [e for e in layer.mlp.experts.local_experts
                    if all(has_grad(p) for p in e.parameters())]
         assert len(trained) >= 2          # top-2 routing: at least two experts saw tokens
+
+
+def test_quant_scheme_experts_scope(ckpt):
+    """INT4 W4A16 fake quant on the 2 x 4 experts' fc1/fc2 only (never the router or attention)."""
+    from int4_qat.scheme import QuantScheme, enabled_weight_quantizers
+
+    arch = load_arch(ckpt)
+    model = build_model(arch, use_te=False)
+    import_hf_checkpoint(model, arch, ckpt)
+    ids = _ids()
+    with torch.no_grad():
+        ref = _logits(model.eval(), ids)
+        QuantScheme.from_dict({"format": "int4", "group_size": 128, "scope": "experts"}).apply(model)
+        out = _logits(model, ids)
+    names = list(enabled_weight_quantizers(model))
+    assert len(names) == 16 and all("local_experts" in n for n in names)
+    assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
