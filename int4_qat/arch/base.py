@@ -371,8 +371,10 @@ def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,
     """Megatron-Core ``GPTModel`` for ``arch`` on the current ``parallel_state`` (TP/PP/EP/ETP).
 
     ``use_te=True``: Transformer-Engine spec (GPU). ``use_te=False``: Megatron's local spec with
-    CPU-friendly settings (``use_cpu_initialization``, no fusions, ``allgather`` MoE dispatcher,
-    no grouped GEMM) -- call ``int4_qat.compat.cpu.activate()`` / ``init_model_parallel`` first.
+    CPU-friendly settings (``use_cpu_initialization``, no fusions, ``allgather`` MoE dispatcher)
+    -- call ``int4_qat.compat.cpu.activate()`` / ``init_model_parallel`` first. Experts are always
+    a ``SequentialMLP`` (``moe_grouped_gemm=False``), whose ``local_experts.{i}`` names the rules map;
+    the router runs in fp32 (``moe_router_dtype``), as HF's softmax does.
     ``pre_process``/``post_process`` default to "first/last pipeline stage"; the decoder holds
     only this stage's layers (Megatron's ``get_transformer_layer_offset``). ``config_overrides``
     are applied last to the TransformerConfig kwargs (e.g. ``{"recompute_granularity": ...}``).
@@ -388,6 +390,10 @@ def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,
     tp = ps.get_tensor_model_parallel_world_size()
     if arch.vocab_size % tp:
         raise ValueError(f"{arch.config_path}: vocab_size {arch.vocab_size} is not divisible by TP={tp}")
+    if arch.is_moe and tp > 1 and not use_te:
+        raise ValueError(f"{arch.config_path}: MoE with TP={tp} needs sequence parallelism, which "
+                         "the local (CPU) spec's torch norms do not support; use EP for the experts "
+                         "on CPU, or use_te=True on GPU")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
