@@ -18,7 +18,9 @@ global ``torch`` replaced by :class:`_CpuTorch`, a proxy that forwards everythin
 * ``optimizer/optimizer.py:473-485, 907, 1141`` ``found_inf`` / ``_scale`` / loss scale on CUDA.
 * ``optimizer/clip_grads.py:90-115`` grad-norm buffers; ``utils.py:1207``
   ``local_multi_tensor_l2_norm`` returns its norm on CUDA (the no-Apex/TE fallback).
-* ``pipeline_parallel/schedules.py:596, 983, 2138`` token counter on CUDA.
+* ``pipeline_parallel/schedules.py:596, 983, 2138`` token counter on CUDA;
+  ``pipeline_parallel/p2p_communication.py:190-321`` shape / receive buffers on
+  ``current_device()`` and ``torch.cuda.synchronize()`` (pipeline parallel over gloo).
 * ``transformer/moe/router.py:88-92`` ``TopKRouter.gating`` moves a CPU weight to
   ``current_device()`` (a no-op on the proxy).
 * ``dist_checkpointing/strategies/{filesystem_async,async_utils,state_dict_saver}.py``,
@@ -48,6 +50,7 @@ PROXIED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.utils",
     "megatron.core.transformer.moe.router",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
