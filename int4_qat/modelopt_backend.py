@@ -190,6 +190,13 @@ def apply_scheme(scheme: "QuantScheme", model: torch.nn.Module) -> torch.nn.Modu
 
     register_backend()
     _refuse_unsupported(scheme, model)
+    if not any(scheme.quantizes_megatron(n) or scheme.quantizes_hf(n)
+               for n, _ in model.named_parameters()):
+        raise ValueError(
+            f"{scheme.describe()}: no parameter of {type(model).__name__} is in scope (expected "
+            "names like decoder.layers.N.mlp.experts.local_experts.E.linear_fc1.weight or "
+            "model.layers.N.mlp.experts.E.gate_proj.weight; see the globs in int4_qat/scheme.py)"
+        )
     model = mtq.quantize(model, scheme.modelopt_config(), forward_loop=None)
     for qname, quantizer in enabled_weight_quantizers(model).items():
         wname = _weight_name(qname)
