@@ -409,7 +409,8 @@ def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,
         sequence_parallel=use_te and tp > 1,
     )
     if arch.is_moe:
-        kw.update(moe_router_dtype="fp32", moe_grouped_gemm=False,
+        kw.setdefault("moe_router_dtype", "fp32")     # an architecture may ask for fp64
+        kw.update(moe_grouped_gemm=False,
                   moe_token_dispatcher_type="alltoall" if use_te else "allgather")
     if not use_te:
         kw.update(use_cpu_initialization=True, bias_activation_fusion=False,
