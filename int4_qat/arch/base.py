@@ -53,6 +53,7 @@ __all__ = [
     "qkv_to_hf",
     "glu_to_mcore",
     "glu_to_hf",
+    "output_layer_rule",
     "COMMON_IGNORED_FIELDS",
 ]
 
@@ -287,6 +288,18 @@ def glu_to_mcore(arch: Arch, tensors: list[torch.Tensor]) -> torch.Tensor:
 def glu_to_hf(arch: Arch, fc1: torch.Tensor) -> list[torch.Tensor]:
     gate, up = torch.chunk(fc1, 2, dim=0)
     return [gate.contiguous(), up.contiguous()]
+
+
+def output_layer_rule(arch: Arch, lm_head: str = "lm_head.weight",
+                      embedding: str = "model.embed_tokens.weight") -> Rule:
+    """The Megatron ``output_layer.weight`` rule every GPT-style architecture shares.
+
+    Untied: from/to ``lm_head``. Tied: only a last pipeline stage without the embedding owns a
+    separate ``output_layer.weight`` (a copy of the embedding that Megatron keeps in sync); it is
+    read from the embedding and not exported (HF ties ``lm_head`` to it)."""
+    if arch.tie_embeddings:
+        return Rule(("output_layer.weight",), (embedding,), "column", export=False)
+    return Rule(("output_layer.weight",), (lm_head,), "column")
 
 
 # ------------------------------------------------------------------ TP slicing helpers

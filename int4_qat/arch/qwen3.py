@@ -30,6 +30,7 @@ from int4_qat.arch.base import (
     Rule,
     glu_to_hf,
     glu_to_mcore,
+    output_layer_rule,
     qkv_to_hf,
     qkv_to_mcore,
     register_arch,
@@ -143,14 +144,7 @@ def qwen3_rules(arch) -> list[Rule]:
                  "glu", glu_to_mcore, glu_to_hf),
             Rule((_E + "linear_fc2.weight",), (_HE + "down_proj.weight",), "row"),
         ]
-    if arch.tie_embeddings:
-        # Only the last PP stage without the embedding owns a separate output_layer.weight (a copy
-        # of the embedding, kept in sync by Megatron); it is not exported (HF ties lm_head).
-        rules.append(Rule(("output_layer.weight",), ("model.embed_tokens.weight",), "column",
-                          export=False))
-    else:
-        rules.append(Rule(("output_layer.weight",), ("lm_head.weight",), "column"))
-    return rules
+    return rules + [output_layer_rule(arch)]
 
 
 QWEN3 = register_arch(ArchDefinition("qwen3", parse_qwen3, qwen3_rules,
