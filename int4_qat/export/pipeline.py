@@ -33,7 +33,7 @@ from int4_qat.export.ct_config import gpt_oss_modules_to_not_convert, ignore_lis
 from int4_qat.export.source import SIDE_FILES, HFSource, TensorInfo, open_hf_source
 from int4_qat.export.writer import ExportDir, ShardWriter, TensorSpec, shard_name
 
-__all__ = ["ExportResult", "export_checkpoint", "resolve_scheme", "EXPORT_META", "CHUNK_BYTES"]
+__all__ = ["ExportResult", "export_checkpoint", "export_hf_dir", "resolve_scheme", "EXPORT_META", "CHUNK_BYTES"]
 
 EXPORT_META = "int4_qat_export.json"
 CHUNK_BYTES = 256 << 20  # input bytes per work item for tensors whose rows are independent
@@ -196,13 +196,32 @@ def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None
     ``_fail_after`` (tests) raises after that many shards were written, to prove atomicity.
     """
     t0 = time.perf_counter()
-    scheme, recipe_tp = resolve_scheme(fmt, group_size, scope, recipe, input_dir)
-    serving_tp = serving_tp or recipe_tp
-    if os.path.isfile(os.path.join(input_dir, "recipe.yaml")) or os.path.isfile(os.path.join(input_dir, "latest")):
+    if _is_training_checkpoint(input_dir):
+        from int4_qat.checkpoint import resolve_checkpoint
+
+        iter_dir = str(resolve_checkpoint(input_dir))
+        scheme, recipe_tp = resolve_scheme(fmt, group_size, scope, recipe, iter_dir)
         from int4_qat.export.megatron_source import export_megatron
 
-        return export_megatron(input_dir, output_dir, scheme, serving_tp=serving_tp, overwrite=overwrite,
-                               progress=progress, allow_unservable=allow_unservable)
+        return export_megatron(iter_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp,
+                               overwrite=overwrite, progress=progress, workers=workers,
+                               allow_unservable=allow_unservable)
+    scheme, recipe_tp = resolve_scheme(fmt, group_size, scope, recipe, input_dir)
+    return export_hf_dir(input_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp, workers=workers,
+                         overwrite=overwrite, progress=progress, chunk_bytes=chunk_bytes,
+                         allow_unservable=allow_unservable, _fail_after=_fail_after, _t0=t0)
+
+
+def _is_training_checkpoint(d: str) -> bool:
+    return any(os.path.isfile(os.path.join(d, f)) for f in ("recipe.yaml", "latest"))
+
+
+def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 1, workers: int | None = None,
+                  overwrite: bool = False, progress: bool = True, chunk_bytes: int = CHUNK_BYTES,
+                  allow_unservable: bool = False, _fail_after: int | None = None, _t0: float | None = None,
+                  side_dir: str | None = None) -> ExportResult:
+    """Export an HF safetensors dir with an already-resolved ``scheme`` (see :func:`export_checkpoint`)."""
+    t0 = _t0 or time.perf_counter()
     source = open_hf_source(input_dir)
     model_type = source.model_type
     plans_by_shard = [_plan_all(s.tensors, scheme, model_type) for s in source.shards]
@@ -235,7 +254,7 @@ def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None
                 finally:
                     writer.abort()
                 out.record_shard(fname, specs)
-            _write_side_files(out, source.root, config, scheme, input_dir)
+            _write_side_files(out, side_dir or source.root, config, scheme, input_dir)
             result.packed = [p.module for p in all_plans if p.kind != "copy"]
             result.copied = sum(p.kind == "copy" for p in all_plans)
             result.input_bytes = total
