@@ -13,7 +13,7 @@ A :class:`Row` is one model that was evaluated: a format (``bf16``, ``int4-g32``
 Columns: eval loss (held-out, measured on the *reloaded* export where one exists, otherwise on the
 training-side model -- the ``measured_on`` field says which), Δ vs BF16 (against the BF16 model the
 row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``), perplexity
-``exp(loss)``, checkpoint bytes on disk, and the train-infer mismatch between the training-side
+``exp(loss)``, checkpoint bytes (unquantized tensors counted at bf16), and the train-infer mismatch between the training-side
 fake-quant forward (Megatron + ModelOpt) and the reloaded export: mean / max |Δ logprob| of the
 target tokens and the mean KL(train || served) over the vocabulary.
 
@@ -144,7 +144,9 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "kind). Δ vs BF16: PTQ rows against the trained BF16 model they were quantized from, "
            "QAT rows against the BF16 model continued for the same token budget. "
            "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
-           "the reloaded export, on the eval tokens.", ""]
+           "the reloaded export, on the eval tokens. ckpt bytes: safetensors payload with every "
+           "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
+           "so that the reload reproduces the fp32 training-side forward exactly.", ""]
     heads = headlines(rows)
     if heads:
         md += ["Headlines (computed from the table):", *[f"- {h}" for h in heads], ""]
@@ -304,7 +306,7 @@ def plot_checkpoint_sizes(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     vals = [sizes[n] / 1e6 for n in names]
     bars = ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
     ax.bar_label(bars, fmt="%.2f MB", fontsize=7)
-    ax.set_ylabel("checkpoint size on disk (MB)")
+    ax.set_ylabel("checkpoint size, full-precision tensors at bf16 (MB)")
     ax.set_title("Checkpoint size per format (attention, router, embeddings, lm_head stay "
                  "full precision)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
