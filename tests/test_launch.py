@@ -193,3 +193,34 @@ def test_make_targets_dry_run():
                        env={**__import__("os").environ, "DRY_RUN": "1"}, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"DRY_RUN: sbatch {REPO_ROOT}/runs/qwen3-235b-a22b-int4/slurm.sbatch" in r.stdout
+
+
+def test_sbatch_script_runs_with_stub_slurm(tmp_path, monkeypatch, capsys):
+    """Execute the generated script with stub scontrol/srun: the head node, node count and job id
+    reach torchrun's rendezvous flags, and a checkpoint's ``latest`` is announced as the resume point."""
+    monkeypatch.setenv("DRY_RUN", "1")
+    name = "qwen3-235b-a22b-int4"
+    assert launch.main(["slurm", str(REPO_ROOT / "recipes" / f"{name}.yaml")]) == 0
+    capsys.readouterr()
+    script = REPO_ROOT / "runs" / name / "slurm.sbatch"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {tmp_path}/srun.args\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    text = script.read_text().replace(f"CKPT={REPO_ROOT}/runs/{name}/ckpt", f"CKPT={tmp_path}/ckpt")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest").write_text("iter_0000050\n")
+    (tmp_path / "job.sbatch").write_text(text)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-node-[07-14]",
+           "SLURM_NNODES": "8", "SLURM_JOB_ID": "4242", "HOME": str(tmp_path)}
+    r = subprocess.run([shutil.which("bash"), str(tmp_path / "job.sbatch")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {tmp_path}/ckpt/iter_0000050" in r.stdout
+    args = (tmp_path / "srun.args").read_text().split("\n")
+    assert args[0] == "--kill-on-bad-exit=1" and args[1].endswith("torchrun")
+    joined = " ".join(args)
+    assert "--nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint gpu-node-07:29500 " \
+           "--rdzv-id 4242 -m int4_qat.train --recipe" in joined
