@@ -387,9 +387,20 @@ def plan(recipe) -> dict[str, Any]:
 MARLIN_GROUPS = (32, 64, 128)
 
 
-def marlin_problems(a: ArchShape, group: int, serving_tp: int, serving_ep: int) -> list[str]:
-    """Why an INT4 g``group`` MoE export cannot be served by Marlin at this serving layout."""
+def marlin_problems(a: ArchShape, group: int, serving_tp: int, serving_ep: int,
+                    scope: str = "experts") -> list[str]:
+    """Why an INT4 g``group`` export cannot be served by Marlin at this serving layout. With
+    ``all-linear`` the row-parallel dense Linears (o_proj, dense/shared down_proj) split K over
+    serving_tp too, and each rank's K must hold whole groups."""
     out = []
+    if scope == "all-linear" and group in MARLIN_GROUPS:
+        for what, k in (("o_proj", a.q_dim), ("dense down_proj", a.dense_intermediate),
+                        ("shared-expert down_proj", a.shared_experts * a.shared_intermediate)):
+            if k and (k % serving_tp or (k // serving_tp) % group):
+                out.append(f"quant.group_size / export.serving_tp: scope all-linear quantizes {what} "
+                           f"(in_features {k}); {k} / serving_tp {serving_tp} = {k / serving_tp:g} per rank "
+                           f"is not a multiple of group {group}; fix: a smaller quant.group_size or "
+                           f"export.serving_tp, or quant.scope: experts")
     if group not in MARLIN_GROUPS:
         out.append(f"quant.group_size: Marlin serves INT4 groups {list(MARLIN_GROUPS)} only, got {group}; "
                    f"fix: quant.group_size: 128 (or 64/32)")
@@ -471,7 +482,7 @@ def check_recipe(path, cpu: bool = False) -> list[str]:
                          f"export.formats: [{trained}]")
         elif fmt.value == "int4":
             probs += [f"{src}: {p}" for p in marlin_problems(a, r.quant.group_size, r.export.serving_tp,
-                                                            r.export.serving_ep)]
+                                                            r.export.serving_ep, r.quant.scope.value)]
         else:
             probs += [f"{src}: {p}" for p in _fp4_serving_problems(a, fmt.value, r.quant.group_size,
                                                                    r.export.serving_tp, r.export.serving_ep)]

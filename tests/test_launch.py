@@ -55,6 +55,11 @@ def test_check_all_recipes_pass(capsys):
     ("gpt-oss-120b-mxfp4", lambda d: (d["quant"].update(format="int4", group_size=32, scale_rule="amax/7"),
                                       d["export"].update(formats=["int4"])),
      ["model.config: Marlin MoE needs hidden_size % 128 == 0, hidden_size=2880"]),
+    # all-linear: o_proj is row-parallel at serving TP too (tiny: 4 heads x 32 = 128 in_features)
+    ("tiny-moe", lambda d: (d["quant"].update(scope="all-linear", group_size=64),
+                            d["export"].update(serving_tp=4)),
+     ["scope all-linear quantizes o_proj (in_features 128); 128 / serving_tp 4 = 32 per rank is not "
+      "a multiple of group 64"]),
     # exporting a format that training did not simulate
     ("tiny-moe", lambda d: d["export"].update(formats=["int4", "nvfp4"]),
      ["export.formats: 'nvfp4' is not the trained format quant.format='int4'"]),
