@@ -243,3 +243,20 @@ def test_quant_scheme_scopes(ckpt, scope, expected):
     assert len(names) == expected
     assert not any("router" in n or "shared_experts" in n for n in names) or scope == "all-linear"
     assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3
+
+
+def test_mtp_layer_tensors_are_skipped(tmp_path, ckpt, model_and_arch):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the last decoder layer
+    (model.layers.{num_hidden_layers}.*): import ignores it and the model is unchanged."""
+    model, arch = model_and_arch
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_nextn_predict_layers"] = 1
+    mtp = [(f"model.layers.3.{n}", torch.ones(2)) for n in (
+        "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+        "shared_head.head.weight", "embed_tokens.weight", "self_attn.q_a_proj.weight",
+        "mlp.experts.0.gate_proj.weight")]
+    write_hf_checkpoint(list(iter_checkpoint(ckpt)) + mtp, tmp_path, config=config)
+    before = {n: t.clone() for n, t in model.state_dict().items() if "_extra_state" not in n}
+    import_hf_checkpoint(model, load_arch(tmp_path), tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(t, after[n]) for n, t in before.items())

@@ -290,8 +290,9 @@ def deepseek_v3_rules(arch) -> list[Rule]:
 
 # Multi-token-prediction layers sit after the last decoder layer (index >= num_hidden_layers): their
 # decoder-layer tensors match the rules but no Megatron layer asks for them, so import never reads
-# them; this pattern declares their MTP-only tensors (enorm/hnorm/eh_proj/shared_head) ignorable.
-_MTP_ONLY = r"^model\.layers\.\d+\.(enorm|hnorm|eh_proj|shared_head)\."
+# them; this pattern declares their MTP-only tensors (enorm/hnorm/eh_proj/shared_head and the MTP
+# copy of embed_tokens) ignorable.
+_MTP_ONLY = r"^model\.layers\.\d+\.(enorm|hnorm|eh_proj|shared_head|embed_tokens)\."
 
 DEEPSEEK_V3 = register_arch(ArchDefinition(
     "deepseek_v3", parse_deepseek_v3, deepseek_v3_rules, layer_spec=deepseek_v3_layer_spec,
