@@ -317,6 +317,8 @@ class _Demo:
                                   overwrite=True, progress=False)
             served, load_note = load_served_model(served_dir)
             served_stats = served_logits(served, self.evalset)
+            bf16_stats = served_logits(served.to(torch.bfloat16), self.evalset)
+            row.bf16_mean_abs_dlogprob = mismatch(train_stats, bf16_stats)["mean_abs_dlogprob"]
             del served
             row.eval_loss, row.measured_on, row.export_dir = served_stats.loss, "export", str(served_dir)
             row.checkpoint_bytes = _safetensors_bytes(served_dir)[1]

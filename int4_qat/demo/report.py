@@ -13,9 +13,11 @@ A :class:`Row` is one model that was evaluated: a format (``bf16``, ``int4-g32``
 Columns: eval loss (held-out, measured on the *reloaded* export where one exists, otherwise on the
 training-side model -- the ``measured_on`` field says which), Δ vs BF16 (against the BF16 model the
 row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``), perplexity
-``exp(loss)``, checkpoint bytes (unquantized tensors counted at bf16), and the train-infer mismatch between the training-side
-fake-quant forward (Megatron + ModelOpt) and the reloaded export: mean / max |Δ logprob| of the
-target tokens and the mean KL(train || served) over the vocabulary.
+``exp(loss)``, checkpoint bytes (unquantized tensors counted at bf16), and the train-infer
+mismatch between the training-side fake-quant forward (Megatron + ModelOpt, fp32) and the reloaded
+export: mean / max |Δ logprob| of the target tokens and the mean KL(train || served) over the
+vocabulary, with the export computing in fp32 (isolates the checkpoint) and, last column, the mean
+|Δ logprob| when the export computes in bf16 as a server would (adds bf16 activation rounding).
 
 Plots use matplotlib's Agg backend (no display needed): ``loss_curves.png`` (training loss per step
 of the BF16 run and of every QAT continuation, PTQ eval losses as dashed levels),
@@ -63,6 +65,7 @@ class Row:
     mean_abs_dlogprob: float | None = None
     max_abs_dlogprob: float | None = None
     kl: float | None = None
+    bf16_mean_abs_dlogprob: float | None = None   # export run in bf16 vs training side (fp32)
     export_dir: str | None = None
     note: str = ""
 
@@ -94,7 +97,7 @@ class Curve:
 
 # ------------------------------------------------------------------------------------ table
 _COLUMNS = ("format", "method", "eval loss", "Δ vs BF16", "ppl", "ckpt bytes",
-            "mean|Δlogp|", "max|Δlogp|", "KL")
+            "mean|Δlogp|", "max|Δlogp|", "KL", "mean|Δlogp| bf16")
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -109,7 +112,7 @@ def _cells(r: Row) -> list[str]:
     loss = _fmt(r.eval_loss, ".4f") + ("" if r.measured_on == "export" else "*")
     return [r.format, r.method, loss, _fmt(r.delta_vs_bf16, "+.4f"), _fmt(r.ppl, ".3f"),
             _fmt(r.checkpoint_bytes, ",d"), _fmt(r.mean_abs_dlogprob, ".2e"),
-            _fmt(r.max_abs_dlogprob, ".2e"), _fmt(r.kl, ".2e")]
+            _fmt(r.max_abs_dlogprob, ".2e"), _fmt(r.kl, ".2e"), _fmt(r.bf16_mean_abs_dlogprob, ".2e")]
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
@@ -144,7 +147,8 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "kind). Δ vs BF16: PTQ rows against the trained BF16 model they were quantized from, "
            "QAT rows against the BF16 model continued for the same token budget. "
            "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
-           "the reloaded export, on the eval tokens. ckpt bytes: safetensors payload with every "
+           "the reloaded export computing in fp32, on the eval tokens; last column: the export "
+           "computing in bf16 (a server's activation precision). ckpt bytes: safetensors payload with every "
            "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
            "so that the reload reproduces the fp32 training-side forward exactly.", ""]
     heads = headlines(rows)
