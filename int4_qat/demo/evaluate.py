@@ -10,10 +10,10 @@ compressed-tensors decompresses the packed experts into bf16 parameters (the ser
 value, see int4_qat/formats), while the rest of an fp32 checkpoint loads in fp32. The reloaded model
 is upcast with ``.float()`` before evaluation: the *values* are unchanged (a bf16 value is exact in
 fp32), and both sides then compute in fp32, so a difference in loss measures the checkpoint, not
-bf16 activations. :func:`served_logits` keeps the original dtypes when ``upcast=False``.
+bf16 activations (the demo separately runs the export in bf16 to show that effect).
 
-Loss = mean next-token cross entropy (nats) over every eval token; the per-token log-probabilities
-of the targets and the full log-softmax are what the train-infer mismatch metrics compare.
+Loss = mean next-token cross entropy (nats) over every eval token. The train-infer mismatch uses
+the exporter's own metric (``int4_qat.export.consistency.compare_logits``) on both sides' logits.
 """
 from __future__ import annotations
 
@@ -64,10 +64,10 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class LogitStats:
-    """Per-token target log-probs ``[n, seq]`` and the full log-softmax ``[n, seq, V]``."""
+    """Logits ``[n, seq, V]`` (fp32) of one side and the targets' log-probs ``[n, seq]``."""
 
+    logits: torch.Tensor
     target_logprobs: torch.Tensor
-    logprobs: torch.Tensor
 
     @property
     def loss(self) -> float:
@@ -79,29 +79,18 @@ class LogitStats:
 
 
 def logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> LogitStats:
-    """Log-softmax in fp32 and the targets' log-probs."""
+    """Keep the logits; the targets' log-probs from an fp32 log-softmax."""
     lp = F.log_softmax(logits.float(), dim=-1)
-    return LogitStats(lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1), lp)
+    return LogitStats(logits.float(), lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1))
 
 
-@torch.no_grad()
 def megatron_logits(model, evalset: EvalSet) -> LogitStats:
-    """Training-side forward of a Megatron ``GPTModel`` (TP=PP=1 on CPU) over the eval set."""
-    from int4_qat.compat.cpu import causal_attention_mask
+    """Training-side forward of a Megatron ``GPTModel`` (TP=PP=1 on CPU) over the eval set, run as
+    training runs it (``int4_qat.export.consistency.megatron_logits``: explicit causal mask, fake
+    quant active)."""
+    from int4_qat.export.consistency import megatron_logits as one_batch
 
-    was_training = model.training
-    model.eval()
-    outs = []
-    try:
-        for tokens, _ in evalset.batches():
-            b, s = tokens.shape
-            pos = torch.arange(s, dtype=torch.long).unsqueeze(0).expand(b, s)
-            logits = model(tokens, pos, causal_attention_mask(s))
-            if logits.shape[:2] != (b, s):  # [s, b, V] when the model returns sequence-first
-                logits = logits.transpose(0, 1)
-            outs.append(logits.float())
-    finally:
-        model.train(was_training)
+    outs = [one_batch(model, tokens) for tokens, _ in evalset.batches()]
     return logit_stats(torch.cat(outs), evalset.labels)
 
 
@@ -141,14 +130,12 @@ def served_logits(model, evalset: EvalSet) -> LogitStats:
     return logit_stats(torch.cat(outs), evalset.labels)
 
 
-def mismatch(train: LogitStats, served: LogitStats) -> dict[str, float]:
-    """Train-infer mismatch on the eval tokens: mean / max |Δ logprob| of the targets and the mean
-    over tokens of KL(train || served) over the vocabulary (nats)."""
-    if train.target_logprobs.shape != served.target_logprobs.shape:
-        raise ValueError(f"mismatch: token grids differ {tuple(train.target_logprobs.shape)} vs "
-                         f"{tuple(served.target_logprobs.shape)}")
-    d = (train.target_logprobs - served.target_logprobs).abs()
-    p = train.logprobs.exp()
-    kl = (p * (train.logprobs - served.logprobs)).sum(-1).clamp_min(0.0)
-    return {"mean_abs_dlogprob": float(d.mean()), "max_abs_dlogprob": float(d.max()),
-            "kl": float(kl.mean())}
+def mismatch(train: LogitStats, served: LogitStats, evalset: EvalSet) -> dict[str, float]:
+    """Train-infer mismatch on the eval tokens, by the exporter's own metric
+    (``int4_qat.export.consistency.compare_logits``: mean / max |Δ logprob| of the next token,
+    mean KL(train || served) over the vocabulary, in nats)."""
+    from int4_qat.export.consistency import compare_logits
+
+    rep = compare_logits(train.logits, served.logits, evalset.tokens)
+    return {"mean_abs_dlogprob": rep.mean_abs_dlogprob, "max_abs_dlogprob": rep.max_abs_dlogprob,
+            "kl": rep.kl_mean}

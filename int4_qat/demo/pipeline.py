@@ -318,11 +318,11 @@ class _Demo:
             served, load_note = load_served_model(served_dir)
             served_stats = served_logits(served, self.evalset)
             bf16_stats = served_logits(served.to(torch.bfloat16), self.evalset)
-            row.bf16_mean_abs_dlogprob = mismatch(train_stats, bf16_stats)["mean_abs_dlogprob"]
+            row.bf16_mean_abs_dlogprob = mismatch(train_stats, bf16_stats, self.evalset)["mean_abs_dlogprob"]
             del served
             row.eval_loss, row.measured_on, row.export_dir = served_stats.loss, "export", str(served_dir)
             row.checkpoint_bytes = _safetensors_bytes(served_dir)[1]
-            for k, v in mismatch(train_stats, served_stats).items():
+            for k, v in mismatch(train_stats, served_stats, self.evalset).items():
                 setattr(row, k, v)
             row.note = "; ".join(x for x in (row.note, load_note) if x)
         self.rows.append(row)
