@@ -4,10 +4,12 @@ BF16 training of a tiny Qwen3-MoE on Megatron-Core (CPU) → PTQ vs QAT for INT4
 NVFP4 (+ ModelOpt INT4 AWQ and FP8 baselines) → export to compressed-tensors → independent reload
 with transformers → held-out loss, train-infer mismatch, ``summary.md`` / ``summary.json`` / plots.
 
-Modules: :mod:`.pipeline` (stages, :class:`DemoConfig`, :func:`run_demo`), :mod:`.evaluate` (both
+Modules: :mod:`.config` (:class:`DemoConfig`, model config, recipes), :mod:`.pipeline` (stages,
+:func:`run_demo`), :mod:`.evaluate` (both
 sides on the same tokens), :mod:`.baselines` (ModelOpt AWQ / FP8 on CPU), :mod:`.report` (table and
 plots). Entry point: ``tools/demo.py`` (``make demo DEMO_ARGS="--steps 1000"``).
 """
-from int4_qat.demo.pipeline import VARIANTS, DemoConfig, DemoResult, ci_config, run_demo
+from int4_qat.demo.config import VARIANTS, DemoConfig, ci_config
+from int4_qat.demo.pipeline import DemoResult, run_demo
 
 __all__ = ["VARIANTS", "DemoConfig", "DemoResult", "ci_config", "run_demo"]
