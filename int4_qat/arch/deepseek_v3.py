@@ -152,8 +152,9 @@ def parse_deepseek_v3(cfg: HFConfig) -> ArchParts:
     cfg.expect("moe_layer_freq", [1], 1, why="HF makes every layer after first_k_dense_replace MoE")
     cfg.expect("pretraining_tp", [1], 1)
     # Training-time / inference-only fields that do not change the forward pass.
+    # (head_dim / qk_head_dim are derived values transformers writes back.)
     cfg.ignore("aux_loss_alpha", "seq_aux", "ep_size", "num_nextn_predict_layers", "num_mtp_layers",
-               "head_dim", "qk_head_dim", "max_window_layers", "use_sliding_window")
+               "head_dim", "qk_head_dim")
     hidden = cfg.require("hidden_size", int)
     heads = cfg.require("num_attention_heads", int)
     layers = cfg.require("num_hidden_layers", int)
