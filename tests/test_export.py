@@ -89,6 +89,10 @@ def test_fp4_layouts(tiny, tmp_path, fmt, packed_dtype, scale_dtype, extra):
     assert t[f"{m}.weight_scale"].dtype == scale_dtype and t[f"{m}.weight_scale"].shape == (128, 128 // g)
     if extra:
         assert t[f"{m}.{extra}"].dtype == torch.float32 and t[f"{m}.{extra}"].shape == (1,)
+        # gate/up are trained fused (Megatron linear_fc1) and served fused (w13): one global scale
+        up, down = m.replace("gate_proj", "up_proj"), m.replace("gate_proj", "down_proj")
+        assert torch.equal(t[f"{m}.{extra}"], t[f"{up}.{extra}"])
+        assert not torch.equal(t[f"{m}.{extra}"], t[f"{down}.{extra}"])
     qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
     assert qc["format"] == f"{fmt}-pack-quantized"
     assert qc["config_groups"]["group_0"]["weights"]["type"] == "float"

@@ -115,3 +115,39 @@ def test_scheme_mismatch_is_caught_and_cli_exit_codes(tiny, int4_export, tmp_pat
     assert "logits (transformers load)" in p.stdout and "PASS" in p.stdout
     p = subprocess.run(cli + ["--export", str(tmp_path / "missing")], capture_output=True, text=True)
     assert p.returncode == 2 and "error" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_training_checkpoint_export_train_infer_consistency(tmp_path, fmt):
+    """QAT-trained Megatron checkpoint -> tools/export.py (scheme from recipe.yaml) -> transformers:
+    the served logits are the training logits (fake quant on) to fp32 summation noise."""
+    import _dist_worker as W
+    from int4_qat import checkpoint as C
+    from int4_qat import data as D
+    from int4_qat.export.consistency import compare_logits, megatron_logits, train_infer_consistency
+    from int4_qat.train import train
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in D.system_corpus(max_docs=50)))
+    r = W.tiny_recipe("tiny-qwen3-moe", data=[str(corpus)], fmt=fmt, steps=2, warmup_steps=1, save_interval=2)
+    train(r, cpu=True, out=tmp_path / "run", log=lambda s: None)
+    ckpt = tmp_path / "run" / "ckpt"
+    out = str(tmp_path / "export")
+    with pytest.raises(ValueError, match="contradicts .*recipe.yaml quant.format"):
+        export_checkpoint(str(ckpt), out, fmt="mxfp4", progress=False)
+    export_checkpoint(str(ckpt), out, progress=False)  # format, group, scope, rule from recipe.yaml
+    meta = json.load(open(os.path.join(out, "int4_qat_export.json")))
+    assert meta["scheme"] == r.quant.scheme().to_dict()
+    model, arch, _ = C.load_model_for_export(ckpt)
+    tokens = torch.randint(0, arch.hf_config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
+    rep = train_infer_consistency(model, out, tokens)
+    assert rep.positions == 2 * 31 and rep.top1_agree == 1.0
+    assert rep.mean_abs_dlogprob < 1e-5 and rep.kl_mean < 1e-8, str(rep)
+    # the metric can fail: the same Megatron model without fake quant vs the export differs
+    from int4_qat.export.consistency import export_logits
+    import modelopt.torch.quantization as mtq
+
+    mtq.disable_quantizer(model, "*")
+    plain = compare_logits(megatron_logits(model, tokens), export_logits(out, tokens), tokens)
+    assert plain.mean_abs_dlogprob > 100 * max(rep.mean_abs_dlogprob, 1e-7), (str(plain), str(rep))

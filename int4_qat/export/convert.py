@@ -48,6 +48,10 @@ __all__ = [
     "check_marlin",
     "MARLIN_GROUP_SIZES",
     "GPT_OSS_EXPERT_RE",
+    "attach_siblings",
+    "quantize",
+    "fake_quantize",
+    "chunk_rows",
 ]
 
 MARLIN_GROUP_SIZES = (32, 64, 128)  # sglang/vllm .../quantization/utils/marlin_utils.py (plus -1)
@@ -70,6 +74,71 @@ class TensorPlan:
     module: str  # HF module name (pack/gpt_oss); the tensor name for copy
     outputs: tuple[TensorSpec, ...]
     split_dim0: bool  # rows (copy) or experts (gpt_oss) are independent: may stream in chunks
+    siblings: tuple[str, ...] = ()  # NVFP4: other weights sharing this one's global scale
+
+
+# Projections that Megatron trains fused (linear_fc1 = [gate; up], linear_qkv) and that SGLang /
+# vLLM serve fused (w13 / qkv_proj) with ONE NVFP4 global scale (vLLM
+# compressed_tensors_moe_w4a4_nvfp4.py uses w13_weight_global_scale[:, 0]); so their global scale
+# comes from the amax over all members (int4_qat/formats/nvfp4.py ``matrix_amax``/``global_amax``).
+_FUSED = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"))
+
+
+def _fusion_candidates(module: str) -> tuple[str, ...]:
+    parent, _, leaf = module.rpartition(".")
+    for group in _FUSED:
+        if leaf in group:
+            return tuple(f"{parent}.{m}.weight" for m in group if m != leaf)
+    return ()
+
+
+def attach_siblings(plans: list[TensorPlan], scheme) -> list[TensorPlan]:
+    """NVFP4 only: link each packed gate/up (q/k/v) weight to its packed fusion partners."""
+    if _fmt(scheme) != "nvfp4":
+        return plans
+    packed = {p.source for p in plans if p.kind == "pack"}
+    out = []
+    for p in plans:
+        if p.kind == "pack":
+            sib = tuple(n for n in _fusion_candidates(p.module) if n in packed)
+            if sib:
+                p = TensorPlan(p.source, p.kind, p.module, p.outputs, p.split_dim0, sib)
+        out.append(p)
+    return out
+
+
+def fused_kwargs(scheme, tensor: torch.Tensor, siblings: list[torch.Tensor]) -> dict:
+    """Extra format kwargs for a weight with fusion partners (NVFP4 shared ``global_amax``)."""
+    if not siblings or _fmt(scheme) != "nvfp4":
+        return {}
+    from int4_qat.formats import get_format
+
+    fmt = get_format(scheme.format)
+    amax = fmt.matrix_amax(tensor)
+    for s in siblings:
+        amax = torch.maximum(amax, fmt.matrix_amax(s))
+    return {"global_amax": amax}
+
+
+def quantize(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | None = None):
+    """``scheme.quantize`` plus the shared NVFP4 global amax of fused projections."""
+    kw = fused_kwargs(scheme, w, siblings or [])
+    if not kw:
+        return scheme.quantize(w, name)
+    from int4_qat.formats import get_format
+
+    return get_format(scheme.format).quantize(w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
+
+
+def fake_quantize(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``scheme.fake_quantize`` plus the shared NVFP4 global amax (what training computes on the
+    fused Megatron weight)."""
+    kw = fused_kwargs(scheme, w, siblings or [])
+    if not kw:
+        return scheme.fake_quantize(w, name)
+    from int4_qat.formats import get_format
+
+    return get_format(scheme.format).fake_quantize(w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
 
 
 def _fmt(scheme) -> str:
@@ -177,7 +246,8 @@ def _finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: non-finite value (NaN/Inf) at index {bad}; refusing to export")
 
 
-def convert(plan: TensorPlan, tensor: torch.Tensor, scheme) -> list[torch.Tensor]:
+def convert(plan: TensorPlan, tensor: torch.Tensor, scheme, siblings: list[torch.Tensor] | None = None
+            ) -> list[torch.Tensor]:
     """Compute the output tensors of ``plan`` (in ``plan.outputs`` order) from ``tensor``.
 
     ``tensor`` may be a chunk of dim 0 when ``plan.split_dim0`` (rows for copy, experts for gpt_oss).
@@ -193,7 +263,9 @@ def convert(plan: TensorPlan, tensor: torch.Tensor, scheme) -> list[torch.Tensor
         q = scheme.quantize(w, plan.source)
         blocks, scales = fmt.pack_gpt_oss(q)
         return [blocks, scales]
-    q = scheme.quantize(tensor, plan.module)
+    for sib_name, sib in zip(plan.siblings, siblings or []):
+        _finite(sib_name, sib)
+    q = quantize(scheme, tensor, plan.module, siblings)
     packed = fmt.pack(q)
     out = []
     for spec in plan.outputs:

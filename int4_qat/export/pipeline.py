@@ -116,15 +116,16 @@ def _write_plans(writer: ShardWriter, plans: list[cv.TensorPlan], load: Callable
         for plan in plans:
             chunks = load.chunks(plan)
             for i, rows in enumerate(chunks):
-                yield plan, rows, i == len(chunks) - 1, load(plan, rows)
+                sibs = [load.sibling(n) for n in plan.siblings]
+                yield plan, rows, i == len(chunks) - 1, load(plan, rows), sibs
 
     def work(item):
-        plan, rows, last, tensor = item
-        out = cv.convert(plan, tensor, scheme)
+        plan, rows, last, tensor, sibs = item
+        out = cv.convert(plan, tensor, scheme, sibs)
         return out, tensor.numel() * tensor.element_size()
 
     held: list[list[torch.Tensor]] = []
-    for (plan, rows, last, _), (outs, nbytes) in _ordered(work, items(), workers):
+    for (plan, rows, last, _, _), (outs, nbytes) in _ordered(work, items(), workers):
         writer.write(plan.outputs[0].name, outs[0])
         if rows is None:
             for spec, t in zip(plan.outputs[1:], outs[1:]):
@@ -151,6 +152,12 @@ class _ShardLoader:
 
     def __call__(self, plan: cv.TensorPlan, rows):
         return self.source.read(self.handle, self.infos[plan.source], rows)
+
+    def sibling(self, name: str) -> torch.Tensor:
+        """A fusion partner (NVFP4 shared global scale), possibly from another shard."""
+        if name in self.infos:
+            return self.source.read(self.handle, self.infos[name])
+        return self.source.read_any(name)
 
 
 def _plan_all(infos: list[TensorInfo], scheme, model_type: str) -> list[cv.TensorPlan]:
@@ -225,6 +232,8 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
     source = open_hf_source(input_dir)
     model_type = source.model_type
     plans_by_shard = [_plan_all(s.tensors, scheme, model_type) for s in source.shards]
+    linked = iter(cv.attach_siblings([p for ps in plans_by_shard for p in ps], scheme))
+    plans_by_shard = [[next(linked) for _ in ps] for ps in plans_by_shard]
     all_plans = [p for ps in plans_by_shard for p in ps]
     config = _final_config(source.config, scheme, all_plans)
     if not allow_unservable:

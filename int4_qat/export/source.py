@@ -89,6 +89,15 @@ class HFSource:
     def tensors(self) -> list[TensorInfo]:
         return [t for s in self.shards for t in s.tensors]
 
+    def read_any(self, name: str) -> torch.Tensor:
+        """Read tensor ``name`` from whichever shard holds it (opens that shard)."""
+        for s in self.shards:
+            for t in s.tensors:
+                if t.name == name:
+                    with safe_open(s.path, "pt") as h:
+                        return self.read(h, t)
+        raise ValueError(f"{self.root}: no tensor {name}")
+
     def read(self, handle, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor (or rows ``[a, b)`` of dim 0) from an open ``safe_open`` handle."""
         try:

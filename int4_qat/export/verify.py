@@ -8,7 +8,9 @@ export the way a consumer does and compares with the reference BF16 checkpoint:
                 transformers' ``CompressedTensorsDequantize`` calls, compressors/*/base.py) using
                 the ``QuantizationScheme`` parsed from the export's own ``config.json``; the
                 result must equal ``scheme.fake_quantize(reference weight)`` **exactly**
-                (``torch.equal``): what training saw is what the server computes.
+                (``torch.equal``): what training saw is what the server computes. NVFP4
+                gate/up (q/k/v) partners share one global scale (the fused Megatron weight's),
+                so their fake quant uses the partners' joint amax.
 ``gpt-oss``     native MXFP4 ``*_blocks`` / ``*_scales`` are dequantized by transformers'
                 ``integrations.mxfp4.convert_moe_packed_tensors``; exact as above.
 ``copied``      every tensor that is not packed is byte-identical to the reference.
@@ -166,8 +168,10 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
     from compressed_tensors.utils.match import match_name
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    for info in ref.tensors():
-        plan = cv.plan_tensor(info.name, info.dtype, info.shape, scheme, ref.model_type)
+    infos = ref.tensors()
+    plans = cv.attach_siblings([cv.plan_tensor(i.name, i.dtype, i.shape, scheme, ref.model_type) for i in infos],
+                               scheme)
+    for info, plan in zip(infos, plans):
         expected.update(s.name for s in plan.outputs)
         missing = [s.name for s in plan.outputs if s.name not in reader]
         if missing:
@@ -212,7 +216,7 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
             ignore.fail(f"{plan.module} is packed but ignored by quantization_config")
             continue
         served = _decompress_ct(ct_cfg, ct_scheme, plan.module, reader)
-        want = scheme.fake_quantize(w, plan.module)
+        want = cv.fake_quantize(scheme, w, plan.module, [ref.read_any(n) for n in plan.siblings])
         if served.shape != want.shape or not torch.equal(served, want.to(served.dtype)):
             diff = (served.float() - want.float()).abs().max().item() if served.shape == want.shape else "shape"
             packed.fail(f"{plan.module}: served != fake_quantize (max |Δ| {diff})")
@@ -253,14 +257,16 @@ def fake_quantized_reference(reference: str, out_dir: str, scheme) -> str:
         if fn.endswith(".json") and fn != INDEX_NAME or fn.startswith("tokenizer"):
             shutil.copy2(os.path.join(ref.root, fn), os.path.join(out_dir, fn))
     weight_map = {}
+    plans = {p.source: p for p in cv.attach_siblings(
+        [cv.plan_tensor(i.name, i.dtype, i.shape, scheme, ref.model_type) for i in ref.tensors()], scheme)}
     for i, shard in enumerate(ref.shards):
         tensors = {}
         with safe_open(shard.path, "pt") as h:
             for info in shard.tensors:
                 w = h.get_tensor(info.name)
-                plan = cv.plan_tensor(info.name, info.dtype, info.shape, scheme, ref.model_type)
+                plan = plans[info.name]
                 if plan.kind == "pack":
-                    w = scheme.fake_quantize(w, plan.module)
+                    w = cv.fake_quantize(scheme, w, plan.module, [ref.read_any(n) for n in plan.siblings])
                 elif plan.kind == "gpt_oss":
                     w = scheme.fake_quantize(w.transpose(-1, -2).contiguous(), info.name).transpose(-1, -2).contiguous()
                 tensors[info.name] = w
