@@ -41,6 +41,7 @@ import dataclasses
 import torch.nn.functional as F
 
 from int4_qat.arch.base import (
+    output_layer_rule,
     ArchDefinition,
     ArchParts,
     HFConfig,
@@ -281,11 +282,7 @@ def deepseek_v3_rules(arch) -> list[Rule]:
                  (_HA + "q_a_layernorm.weight",)),
             Rule((_A + "linear_q_up_proj.weight",), (_HA + "q_b_proj.weight",), "column"),
         ]
-    if arch.tie_embeddings:
-        rules.append(Rule(("output_layer.weight",), ("model.embed_tokens.weight",), "column",
-                          export=False))
-    else:
-        rules.append(Rule(("output_layer.weight",), ("lm_head.weight",), "column"))
+    rules.append(output_layer_rule(arch))
     return rules
 
 

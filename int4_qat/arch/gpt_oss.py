@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 
 from int4_qat.arch.base import (
+    output_layer_rule,
     ArchDefinition,
     ArchParts,
     HFConfig,
@@ -204,11 +205,7 @@ def gpt_oss_rules(arch) -> list[Rule]:
         Rule((_E + "linear_fc2.bias",), (_HE + "down_proj_bias",), stacked=True),
         Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
     ]
-    if arch.tie_embeddings:
-        rules.append(Rule(("output_layer.weight",), ("model.embed_tokens.weight",), "column",
-                          export=False))
-    else:
-        rules.append(Rule(("output_layer.weight",), ("lm_head.weight",), "column"))
+    rules.append(output_layer_rule(arch))
     return rules
 
 
