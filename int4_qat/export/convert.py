@@ -254,8 +254,8 @@ def convert(plan: TensorPlan, tensor: torch.Tensor, scheme, siblings: list[torch
     """
     from int4_qat.formats import get_format
 
-    _finite(plan.source, tensor)
     if plan.kind == "copy":
+        _finite(plan.source, tensor)  # packed tensors: int4_qat.formats refuses non-finite, naming them
         return [tensor]
     fmt = get_format(scheme.format)
     if plan.kind == "gpt_oss":

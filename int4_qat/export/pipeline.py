@@ -246,6 +246,9 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
         from tqdm import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {scheme.describe()}")
+    threads = torch.get_num_threads()
+    if workers > 1:  # parallelism across tensors; one intra-op thread each avoids oversubscription
+        torch.set_num_threads(max(1, threads // workers))
     try:
         with ExportDir(output_dir, overwrite=overwrite) as out:
             n = len(source.shards)
@@ -270,6 +273,7 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
             result.output_bytes = out.total_size
             out.commit({"format": scheme.format.value})
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
     result.seconds = time.perf_counter() - t0
