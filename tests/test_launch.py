@@ -229,3 +229,24 @@ def test_sbatch_script_runs_with_stub_slurm(tmp_path, monkeypatch, capsys):
     joined = " ".join(args)
     assert "--nnodes 8 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint gpu-node-07:29500 " \
            "--rdzv-id 4242 -m int4_qat.train --recipe" in joined
+
+
+def test_dry_run_multinode_train_with_torchrun_env(monkeypatch, capsys):
+    """`make recipe-qwen3-235b` on each node: NODE_RANK + MASTER_ADDR give a c10d rendezvous."""
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.setenv("MASTER_ADDR", "head-0")
+    monkeypatch.setenv("NODE_RANK", "3")
+    rc = launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-235b-a22b-int4.yaml")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "--nnodes 8 --node-rank 3 --rdzv-backend c10d --rdzv-endpoint head-0:29500" in out
+    assert "--nproc-per-node 8" in out
+
+
+def test_multinode_train_without_env_refuses(monkeypatch, capsys):
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    rc = launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-235b-a22b-int4.yaml")])
+    assert rc == 2
+    assert "NODE_RANK" in capsys.readouterr().err

@@ -88,9 +88,19 @@ def _load_checked(path: str, cpu: bool = False) -> Recipe:
     return Recipe.load(path)
 
 
-def train_command(r: Recipe, recipe_path: str, extra: list[str], cpu: bool) -> list[str]:
-    cmd = [_venv_bin("torchrun"), "--nproc-per-node", str(r.parallel.gpus_per_node),
-           "-m", "int4_qat.train", "--recipe", str(Path(recipe_path).resolve())]
+def train_command(r: Recipe, recipe_path: str, extra: list[str], cpu: bool,
+                  env: dict | None = None) -> list[str]:
+    """torchrun for this node. Multi-node without Slurm: run the same make target on every node
+    with MASTER_ADDR (the head node) and NODE_RANK set; torchrun's c10d rendezvous joins them."""
+    cmd = [_venv_bin("torchrun")]
+    if r.parallel.nodes > 1:
+        env = os.environ if env is None else env
+        port = env.get("MASTER_PORT", "29500")
+        cmd += ["--nnodes", str(r.parallel.nodes), "--node-rank", env["NODE_RANK"],
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{env['MASTER_ADDR']}:{port}",
+                "--rdzv-id", env.get("RDZV_ID", r.name)]
+    cmd += ["--nproc-per-node", str(r.parallel.gpus_per_node),
+            "-m", "int4_qat.train", "--recipe", str(Path(recipe_path).resolve())]
     return cmd + (["--cpu"] if cpu and "--cpu" not in extra else []) + extra
 
 
@@ -109,9 +119,11 @@ def train(path: str, extra: list[str]) -> int:
     # On a machine without CUDA a real run is a CPU run: refuse GPU-only layouts (MoE + TP) up
     # front. DRY_RUN only prints, so it keeps the GPU view (printing commands on a login node).
     r = _load_checked(path, cpu=cpu and not _dry_run())
-    if r.parallel.nodes > 1:
-        print(f"{path}: parallel.nodes = {r.parallel.nodes}: a multi-node run needs Slurm: "
-              f"make slurm-{r.name} (python tools/launch.py slurm {path})", file=sys.stderr)
+    if r.parallel.nodes > 1 and not all(k in os.environ for k in ("MASTER_ADDR", "NODE_RANK")):
+        print(f"{path}: parallel.nodes = {r.parallel.nodes}: a multi-node run needs either Slurm "
+              f"(make slurm-{r.name}) or this target run on each of the {r.parallel.nodes} nodes "
+              f"with MASTER_ADDR=<head node> and NODE_RANK=0..{r.parallel.nodes - 1} set",
+              file=sys.stderr)
         return 2
     if cpu and r.parallel.gpus_per_node > 1:
         print(f"note: no CUDA here: {r.parallel.gpus_per_node} CPU processes (gloo)", file=sys.stderr)
