@@ -68,7 +68,13 @@ def run_layout(spec: dict) -> dict:
     recipe = Recipe.from_dict(spec["recipe"])
     tr = Trainer(recipe, cpu=True, quant=spec.get("quant", True), init_from=spec.get("init_from"),
                  out=spec["out"], resume=False, log=lambda s: None)
-    res = {"fq_before": gathered_fake_quant(tr)}
+    from megatron.core import parallel_state as ps
+
+    res = {"layout": {"world": tr.env.world_size, "tp": ps.get_tensor_model_parallel_world_size(),
+                      "ep": ps.get_expert_model_parallel_world_size(),
+                      "pp": ps.get_pipeline_model_parallel_world_size(),
+                      "dp": ps.get_data_parallel_world_size()},
+           "fq_before": gathered_fake_quant(tr)}
     res["losses"] = [tr.train_step()["loss"] for _ in range(spec["steps"])]
     res["fq_after"] = gathered_fake_quant(tr)
     if spec.get("save"):
