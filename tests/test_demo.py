@@ -126,26 +126,17 @@ def test_demo_int4_qat_beats_ptq(ci_run):
 def test_demo_reloaded_export_matches_training_side(ci_run):
     checked = 0
     for r in ci_run[2]["rows"]:
-        if r["measured_on"] != "export" or r["format"] == "nvfp4":   # nvfp4: see the xfail below
+        if r["measured_on"] != "export":
             continue
         assert abs(r["eval_loss"] - r["train_side_loss"]) < 1e-4, r
-        # the same served weights on both sides: only fp32 summation order differs
+        # the same served weights on both sides (NVFP4 too: gate/up share one global scale, as
+        # training fake-quantizes the fused fc1): only fp32 summation order differs
         assert r["mean_abs_dlogprob"] < 1e-5 and r["max_abs_dlogprob"] < 1e-4, r
+        assert r["kl"] < 1e-8, r
+        # a server computing in bf16 adds activation rounding, orders of magnitude above that
+        assert r["bf16_mean_abs_dlogprob"] > 100 * r["mean_abs_dlogprob"], r
         checked += 1
-    assert checked == 2 + 2 * 3          # bf16 x2, (int4-g32, int4-g128, mxfp4) x (ptq, qat)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(reason="the exporter gives gate_proj and up_proj separate NVFP4 global scales "
-                          "while training fake-quantizes the fused [gate; up] fc1 with one (as "
-                          "vLLM/SGLang serve w13); int4_qat.formats.nvfp4 has global_amax= for it, "
-                          "int4_qat.export does not pass it yet", strict=False)
-def test_demo_nvfp4_export_matches_training_side(ci_run):
-    rows = [r for r in ci_run[2]["rows"] if r["format"] == "nvfp4"]
-    assert len(rows) == 2
-    for r in rows:
-        assert abs(r["eval_loss"] - r["train_side_loss"]) < 1e-4, r
-        assert r["mean_abs_dlogprob"] < 1e-5, r
+    assert checked == 2 + 2 * len(FORMATS)     # bf16 trained/continued + (ptq, qat) per format
 
 
 @pytest.mark.slow
