@@ -241,6 +241,7 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
     result = ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict())
     workers = workers or min(2, os.cpu_count() or 1)
     total = sum(t.nbytes for t in source.tensors())
+    export_dir = ExportDir(output_dir, overwrite=overwrite)  # refuses an existing output up front
     bar = None
     if progress:
         from tqdm import tqdm
@@ -250,7 +251,7 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
     if workers > 1:  # parallelism across tensors; one intra-op thread each avoids oversubscription
         torch.set_num_threads(max(1, threads // workers))
     try:
-        with ExportDir(output_dir, overwrite=overwrite) as out:
+        with export_dir as out:
             n = len(source.shards)
             for i, (shard, plans) in enumerate(zip(source.shards, plans_by_shard)):
                 if _fail_after is not None and i >= _fail_after:
