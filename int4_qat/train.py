@@ -20,7 +20,8 @@ What one run does, in order (each step is a library call, see :func:`train`):
 4. ``scheme.apply(model)``: ModelOpt inserts weight quantizers whose forward is the project's
    fake quant (INT4 / MXFP4 / NVFP4, straight-through backward). ``--no-quant`` skips it.
 5. Megatron ``DistributedDataParallel`` (fp32 grad buffers), ``get_megatron_optimizer`` (Adam,
-   grad clipping; bf16 params with fp32 main params on GPU, fp32 on CPU) and
+   grad clipping; on GPU bf16 params with fp32 main params in the distributed optimizer, on CPU
+   fp32 and the plain optimizer) and
    ``OptimizerParamScheduler`` (linear warmup from lr/(warmup+1), cosine to ``min_lr``).
 6. Resume from ``checkpoint_dir/latest`` if it exists (model, optimizer, scheduler, RNG, data
    position), else start at step 0.
@@ -51,7 +52,7 @@ import torch.distributed as dist
 
 from int4_qat import checkpoint as ckpt
 from int4_qat import data as D
-from int4_qat.parallel import init_parallel, validate_layout
+from int4_qat.parallel import dist_env, init_parallel, validate_layout
 
 __all__ = ["TrainResult", "Trainer", "train", "main", "parse_args"]
 
@@ -91,20 +92,20 @@ class Trainer:
         self.ckpt_dir = self.out / "ckpt" if out is not None else Path(t.checkpoint_dir)
         self.dtype = torch.float32 if (self.cpu or t.precision.value == "fp32") else torch.bfloat16
 
-        # 1-2. process groups and layout
+        # 1. layout rules first (pure: fails before any process group exists), 2. process groups
+        from int4_qat.arch import build_model, import_hf_checkpoint, load_arch
+
+        self.arch = load_arch(recipe.model.config_json().parent)
+        self.scheme = recipe.quant.scheme() if quant else None
+        world = dist.get_world_size() if dist.is_initialized() else dist_env().world_size
+        validate_layout(recipe.parallel, world, self.arch, self.scheme, train=t, cpu=self.cpu)
         self.env = init_parallel(recipe.parallel, cpu=self.cpu, seed=t.seed)
         from megatron.core import parallel_state as ps
-
-        from int4_qat.arch import build_model, import_hf_checkpoint, load_arch
 
         if self.cpu:
             from int4_qat.compat import cpu_training
 
             cpu_training.activate(force=torch.cuda.is_available())
-        self.arch = load_arch(recipe.model.config_json().parent)
-        self.scheme = recipe.quant.scheme() if quant else None
-        validate_layout(recipe.parallel, self.env.world_size, self.arch, self.scheme,
-                        train=t, cpu=self.cpu)
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
@@ -160,9 +161,12 @@ class Trainer:
         cfg = model.config
         if self.dtype == torch.bfloat16:
             model = Float16Module(cfg, model)
+        # GPU: Megatron's distributed optimizer (fp32 main params and Adam moments sharded over
+        # DP, what large-MoE recipes need). CPU: the plain optimizer — the distributed one
+        # reduce-scatters, which gloo does not implement.
         ddp_cfg = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=False, check_for_nan_in_grad=True)
+            use_distributed_optimizer=not self.cpu, check_for_nan_in_grad=True)
         return DistributedDataParallel(cfg, ddp_cfg, model)
 
     def _build_optimizer(self):
@@ -174,7 +178,7 @@ class Trainer:
             optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=t.grad_clip,
             bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-            use_distributed_optimizer=False)
+            use_distributed_optimizer=not self.cpu)
         opt = get_megatron_optimizer(ocfg, [self.model])
         warm = t.warmup_steps
         sched = OptimizerParamScheduler(

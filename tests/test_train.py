@@ -117,6 +117,18 @@ def test_main_cli_runs_and_saves(corpus, tmp_path):
         main(["--recipe", str(path), "--cpu", "--steps", "0"])
 
 
+def test_bad_layout_and_init_source_are_refused(corpus, tmp_path):
+    from int4_qat.checkpoint import CheckpointError
+    from int4_qat.train import Trainer
+
+    bad = W.tiny_recipe("tiny-qwen3", data=[corpus], parallel={"tp": 2, "gpus_per_node": 2})
+    with pytest.raises(ValueError, match=r"tp=2 × pp=1 × dp=1 = 2 != world size 1"):
+        Trainer(bad, cpu=True, out=tmp_path, resume=False)
+    ok = W.tiny_recipe("tiny-qwen3", data=[corpus], scope="all-linear")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(ok, cpu=True, out=tmp_path, init_from=tmp_path / "missing", resume=False)
+
+
 def _torchrun(spec: dict, tmp: Path) -> dict:
     spec_path = tmp / "spec.json"
     spec["result"] = str(tmp / "result.pt")
