@@ -208,48 +208,49 @@ def _pyplot():
 
 def plot_loss_curves(path: str | os.PathLike, curves: Sequence[Curve],
                      ptq_levels: dict[str, float] | None = None, smooth: int = 5) -> Path:
-    """Two panels: the whole run (training loss per step, moving average over ``smooth`` steps,
-    raw curve faint; dots = held-out eval) and a zoom on the continuation phase, where the BF16 and
-    QAT curves are compared and the PTQ eval losses are drawn as dashed levels."""
+    """Two panels. Left: the whole run -- training loss per step (moving average over ``smooth``
+    steps, raw faint; dots = held-out eval), the BF16 run then each continuation, PTQ eval losses as
+    dashed levels over the continuation. Right: each QAT curve minus the BF16 continuation curve,
+    step by step (all continuations read the same batches, so the batch noise cancels and what is
+    left is the cost of the quantizer, shrinking as QAT adapts)."""
     if not curves:
         raise ValueError("plot_loss_curves: no curves to plot")
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110,
-                             gridspec_kw={"width_ratios": [1, 1.2]})
+    fig, (ax, axd) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
     cont = [c for c in curves[1:] if c.steps]
-    start = min(c.steps[0] for c in cont) if cont else None
-    for ax, zoom in zip(axes, (False, True)):
-        ys: list[float] = []
+    for i, c in enumerate(curves):
+        color = f"C{i}"
+        ax.plot(c.steps, c.losses, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(c.steps, _moving_average(c.losses, smooth), color=color, linewidth=1.4,
+                label=f"{c.label} (train, MA{smooth})")
+        if c.eval:
+            es, el = zip(*c.eval)
+            ax.plot(es, el, "o", color=color, markersize=4, markeredgecolor="k", markeredgewidth=0.4)
+    if ptq_levels and cont:
+        x0, x1 = min(c.steps[0] for c in cont), max(c.steps[-1] for c in cont)
+        for j, (label, v) in enumerate(ptq_levels.items()):
+            ax.hlines(v, x0, x1, colors=f"C{(j + len(curves)) % 10}", linestyles="--",
+                      linewidth=1.0, label=f"{label} PTQ (eval)")
+    ax.set_title("BF16 run, then continuation per variant; PTQ eval levels dashed; dots = eval",
+                 fontsize=9)
+    ref = next((c for c in cont if c.label.lower().startswith("bf16")), None)
+    if ref is not None:
         for i, c in enumerate(curves):
-            if zoom and (start is None or not c.steps or c.steps[-1] < start):
+            if c is ref or c not in cont or c.steps != ref.steps:
                 continue
-            color = f"C{i}"
-            ma = _moving_average(c.losses, smooth)
-            if not zoom:
-                ax.plot(c.steps, c.losses, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(c.steps, ma, color=color, linewidth=1.5, label=f"{c.label} (train, MA{smooth})")
-            ys += ma[smooth:] if zoom else []
-            if c.eval:
-                es, el = zip(*c.eval)
-                ax.plot(es, el, "o", color=color, markersize=4, markeredgecolor="k",
-                        markeredgewidth=0.4)
-                ys += list(el) if zoom else []
-        if zoom and ptq_levels and start is not None:
-            x1 = max(c.steps[-1] for c in cont)
-            for j, (label, v) in enumerate(ptq_levels.items()):
-                ax.hlines(v, start, x1, colors=f"C{(j + len(curves)) % 10}", linestyles="--",
-                          linewidth=1.0, label=f"{label} PTQ (eval)")
-                ys.append(v)
-        if zoom and ys:
-            lo, hi = min(ys), max(ys)
-            pad = 0.1 * (hi - lo + 1e-3)
-            ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats / token)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, ncol=2 if zoom else 1)
-        ax.set_title("continuation: BF16 vs QAT (dots = held-out eval), PTQ dashed" if zoom else
-                     "whole run: BF16, then continuation per variant", fontsize=9)
+            diff = [a - b for a, b in zip(c.losses, ref.losses)]
+            axd.plot(c.steps, _moving_average(diff, 4 * smooth), color=f"C{i}", linewidth=1.4,
+                     label=f"{c.label} − {ref.label}")
+        axd.axhline(0.0, color="k", linewidth=0.8)
+        axd.legend(fontsize=7)
+    axd.set_title(f"continuation: QAT minus BF16 training loss on the same batches (MA{4 * smooth})",
+                  fontsize=9)
+    for a_ in (ax, axd):
+        a_.set_xlabel("step")
+        a_.grid(alpha=0.3)
+    ax.set_ylabel("loss (nats / token)")
+    axd.set_ylabel("Δ loss (nats / token)")
+    ax.legend(fontsize=6.5, ncol=2)
     return _save(fig, path, plt)
 
 
@@ -264,7 +265,9 @@ def _moving_average(xs: Sequence[float], k: int) -> list[float]:
 
 
 def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
-    """Per-format eval loss bars: one bar per method (PTQ, QAT, baselines), BF16 levels as lines."""
+    """Two panels of per-format bars, one bar per method (PTQ, QAT, baselines): the held-out eval
+    loss (BF16 levels as lines) and the Δ vs BF16 (the cost of quantization: PTQ against the
+    model it quantized, QAT against BF16 trained for the same extra tokens)."""
     plt = _pyplot()
     quant = [r for r in rows if r.format != "bf16"]
     if not quant:
@@ -272,27 +275,36 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     formats = list(dict.fromkeys(r.format for r in quant))
     methods = list(dict.fromkeys(r.method for r in quant))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
-    for j, m in enumerate(methods):
-        xs, ys = [], []
-        for i, f in enumerate(formats):
-            r = next((r for r in quant if r.format == f and r.method == m), None)
-            if r is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(r.eval_loss)
-        bars = ax.bar(xs, ys, width=width * 0.95, label=m, color=f"C{j}")
-        ax.bar_label(bars, fmt="%.4f", fontsize=6, rotation=90, padding=2)
+    fig, (ax, axd) = plt.subplots(1, 2, figsize=(14, 5), dpi=110)
+    for panel, key, fmt in ((ax, "eval_loss", "%.4f"), (axd, "delta_vs_bf16", "%+.4f")):
+        for j, m in enumerate(methods):
+            xs, ys = [], []
+            for i, f in enumerate(formats):
+                r = next((r for r in quant if r.format == f and r.method == m), None)
+                if r is not None and getattr(r, key) is not None:
+                    xs.append(i - 0.4 + width * (j + 0.5))
+                    ys.append(getattr(r, key))
+            bars = panel.bar(xs, ys, width=width * 0.95, label=m, color=f"C{j}")
+            panel.bar_label(bars, fmt=fmt, fontsize=6, rotation=90, padding=2)
+        panel.set_xticks(range(len(formats)), formats)
+        panel.grid(axis="y", alpha=0.3)
     for k, r in enumerate(r for r in rows if r.format == "bf16"):
         ax.axhline(r.eval_loss, color="k", linestyle=":" if k else "--", linewidth=1,
-                   label=f"bf16 {r.method} ({r.eval_loss:.3f})")
-    all_losses = [r.eval_loss for r in rows if math.isfinite(r.eval_loss)]
-    lo, hi = min(all_losses), max(all_losses)
-    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3) - 0.05), hi + 0.25 * (hi - lo + 1e-3) + 0.02)
-    ax.set_xticks(range(len(formats)), formats)
-    ax.set_ylabel("held-out eval loss (reloaded export)")
-    ax.set_title("Eval loss per format: PTQ vs QAT", fontsize=10)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+                   label=f"bf16 {r.method} ({r.eval_loss:.4f})")
+    losses = [r.eval_loss for r in rows if math.isfinite(r.eval_loss)]
+    lo, hi = min(losses), max(losses)
+    ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3) - 0.05), hi + 0.35 * (hi - lo + 1e-3) + 0.02)
+    deltas = [r.delta_vs_bf16 for r in quant if r.delta_vs_bf16 is not None]
+    if deltas:
+        span = max(max(deltas), 0.0) - min(min(deltas), 0.0) + 1e-4
+        axd.set_ylim(min(min(deltas), 0.0) - 0.15 * span, max(max(deltas), 0.0) + 0.35 * span)
+    axd.axhline(0.0, color="k", linewidth=0.8)
+    ax.set_ylabel("held-out eval loss (reloaded export; * rows training-side)")
+    axd.set_ylabel("Δ eval loss vs BF16 (nats / token)")
+    ax.set_title("Eval loss per format", fontsize=10)
+    axd.set_title("Cost of quantization: PTQ vs trained BF16, QAT vs BF16 continued", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    axd.legend(fontsize=7, loc="upper right")
     return _save(fig, path, plt)
 
 
