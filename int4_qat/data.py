@@ -6,8 +6,9 @@ How a language-model batch is made here
    separated block is one document; ``txt_mode="file"`` makes the whole file one document),
    ``.jsonl`` files (one JSON object per line with a string ``"text"`` field; any other shape is a
    ``ValueError`` naming the file and line) and ``.py`` files (their docstrings, parsed with
-   ``ast``). Directories are expanded recursively in sorted order. The special entry
-   ``"@system"`` (:data:`SYSTEM_CORPUS`) stands for :func:`system_corpus`: real English text
+   ``ast``); a file named explicitly is read whatever its suffix. Directories are expanded
+   recursively in sorted order. The special entry ``"system"`` (:data:`SYSTEM_CORPUS`, also
+   ``"@system"``) stands for :func:`system_corpus`: real English text
    present on every machine that has Python — the docstrings of the standard library plus the
    licence texts in ``/usr/share/common-licenses`` — so tests and CPU demos never train on random
    tokens and never download anything.

@@ -108,3 +108,30 @@ def test_build_datasets_on_system_corpus():
     evl = D.PackedDataset(D.pack_documents(ev_docs, tok, 64))
     assert len(train) > 10 * len(evl) > 0
     assert train.samples.max() < 260 and train.seq_length == 64
+
+
+def test_hf_tokenizer_directory(tmp_path):
+    """A real local HF tokenizer dir (byte-level BPE trained here on the system corpus)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    docs = D.system_corpus(max_docs=200)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path)
+    hf = D.load_tokenizer(tmp_path, vocab_size=320)
+    assert isinstance(hf, D.HFTokenizer) and hf.vocab_size <= 300 and hf.bos_id is None
+    text = "Return the string representation of the object."
+    ids = hf.encode(text)
+    assert len(ids) < len(text) and hf.decode(ids) == text          # merges learned, exact round trip
+    samples = D.pack_documents(docs[:50], hf, seq_length=16)
+    assert samples.shape[1] == 17 and samples.max() < hf.vocab_size
+    assert (samples == hf.eos_id).any()                              # documents end with EOS
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the model vocab_size is 100"):
+        D.load_tokenizer(tmp_path, vocab_size=100)
+    with pytest.raises(ValueError, match="is not a directory"):
+        D.load_tokenizer(tmp_path / "nope", vocab_size=320)

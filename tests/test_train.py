@@ -41,7 +41,7 @@ def _hf_init_dir(model: str, out: Path) -> str:
     return str(out)
 
 
-STEPS = 24
+STEPS = 16
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def test_training_lowers_loss_on_real_text(fmt, runs):
     first, last5 = res.losses[0], sum(res.losses[-5:]) / 5
     assert res.quantized == (fmt is not None) and len(res.losses) == STEPS
     assert 5.0 < first < 6.5            # ≈ ln(320) from a random init
-    assert last5 < first - 0.8, (fmt, res.losses)
-    assert res.eval_losses[STEPS] < first - 0.8
+    assert last5 < first - 1.5, (fmt, res.losses)
+    assert res.eval_losses[STEPS] < first - 1.5
     from int4_qat.checkpoint import _unwrap
     from int4_qat.modelopt_backend import fake_quantized_weights
 
