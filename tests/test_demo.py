@@ -210,3 +210,10 @@ def test_awq_baseline_calibrates_expert_inputs(tiny_megatron):
         not model.decoder.layers[1].mlp.router.weight_quantizer.is_enabled
     with pytest.raises(ValueError, match="scope 'dense'"):
         scope_quantizer_globs("dense")
+
+
+def test_cli_rejects_bad_options_with_exit_code_2():
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "demo.py"), "--hidden", "64",
+                           "--out", os.devnull], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "demo: error: --hidden 64: int4-g32 needs hidden % 128 == 0" in proc.stderr

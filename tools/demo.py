@@ -17,9 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output directory")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--ci", action="store_true", help="reduced configuration (tests; a few minutes)")
     p.add_argument("--steps", type=int, help="stage-1 BF16 training steps (default 600; --ci 60)")
     p.add_argument("--qat-steps", type=int, help="continuation budget in steps for BF16 and every "
