@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, help="samples per micro-batch (default 8)")
     p.add_argument("--lr", type=float, help="stage-1 peak LR (default 3e-3)")
     p.add_argument("--qat-lr", type=float, help="continuation peak LR (default 5e-4)")
-    p.add_argument("--eval-samples", type=int, help="held-out samples evaluated (default 64; --ci 16)")
+    p.add_argument("--eval-samples", type=int, help="held-out samples evaluated (default 128; --ci 16)")
     p.add_argument("--formats", help="comma list of int4-g32,int4-g128,mxfp4,nvfp4 (default all)")
     p.add_argument("--scope", choices=["experts", "all-linear"], help="quantized weights (default experts)")
     p.add_argument("--no-baselines", action="store_true", help="skip the ModelOpt AWQ / FP8 rows")

@@ -46,7 +46,7 @@ class DemoConfig:
     micro_batch: int = 8
     lr: float = 3e-3
     qat_lr: float = 5e-4
-    eval_samples: int = 64        # held-out windows of seq_length tokens for the table
+    eval_samples: int = 128       # held-out windows of seq_length tokens for the table
     formats: tuple[str, ...] = tuple(VARIANTS)
     scope: str = "experts"
     baselines: bool = True        # ModelOpt INT4 AWQ and FP8 rows
