@@ -44,6 +44,10 @@ def test_report_table_json_and_plots(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert md.count("\n| ") == len(rows) + 1    # header + one line per row
     assert "training-side only" in md
+    import re
+    header = next(l for l in md.splitlines() if l.startswith("| format"))
+    assert len(re.findall(r"(?<!\\)\|", header)) == 11      # 10 columns: no bare | inside a cell
+    assert "![loss curves](loss_curves.png)" in md
     back = rows_from_json(paths["summary.json"])
     assert [(r.format, r.method, r.eval_loss) for r in back] == [(r.format, r.method, r.eval_loss) for r in rows]
     js = json.loads(paths["summary.json"].read_text())

@@ -119,7 +119,8 @@ def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
     """The summary table as aligned plain text (terminal) or as a GitHub markdown table."""
     body = [_cells(r) for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(_COLUMNS) + " |",
+        esc = [h.replace("|", "\\|") for h in _COLUMNS]     # a bare | would split the cell
+        lines = ["| " + " | ".join(esc) + " |",
                  "|" + "|".join("---" if i < 2 else "---:" for i in range(len(_COLUMNS))) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in body]
         return "\n".join(lines)
@@ -157,6 +158,8 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
     notes = [f"- {r.format} / {r.method}: {r.note}" for r in rows if r.note]
     if notes:
         md += ["Notes:", *notes, ""]
+    md += ["![loss curves](loss_curves.png)", "", "![eval loss](eval_loss.png)", "",
+           "![checkpoint size](checkpoint_size.png)", ""]
     for k in ("wall_time_s", "stage_seconds"):
         if k in meta:
             md.append(f"- {k}: {json.dumps(meta[k])}")
