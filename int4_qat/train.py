@@ -151,6 +151,12 @@ class Trainer:
         if resume and ckpt.find_latest(self.ckpt_dir) is not None:
             st = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
             self.step = st["step"]
+            if st["consumed_samples"] != self.sampler.consumed_samples(self.step):
+                raise ValueError(
+                    f"{st['iter_dir']}: {st['consumed_samples']} samples consumed in {self.step} steps, "
+                    f"but train.global_batch={t.global_batch} would have consumed "
+                    f"{self.sampler.consumed_samples(self.step)}; resume with the global batch the "
+                    f"checkpoint was trained with, or start fresh with --init-from")
             self.log(f"resumed from {st['iter_dir']} at step {self.step}")
 
     # ------------------------------------------------------------------ construction helpers
@@ -306,7 +312,8 @@ def train(recipe, *, steps: int | None = None, cpu: bool | None = None, out: str
     metrics_f = None
     if trainer.rank == 0:
         trainer.out.mkdir(parents=True, exist_ok=True)
-        metrics_f = open(trainer.out / "metrics.jsonl", "a")
+        # a fresh run starts a new file; a resumed one appends to its own history
+        metrics_f = open(trainer.out / "metrics.jsonl", "a" if trainer.step > 0 else "w")
     bar = None
     if trainer.rank == 0 and (progress if progress is not None else sys.stderr.isatty()):
         from tqdm import tqdm
