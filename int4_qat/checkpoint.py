@@ -233,22 +233,31 @@ def _restore_quant(inner, iter_dir: Path) -> None:
                               "convert the model before wrapping it")
 
 
-def _load_model_state(inner, iter_dir: Path, allow_missing_quant_state: bool) -> None:
+def _load_model_state(inner, iter_dir: Path, weights_only: bool) -> None:
+    """Load the model's sharded state; ``weights_only`` skips every ``_extra_state`` object.
+
+    Weights-only is what ``--init-from`` needs: a BF16 checkpoint has plain-Megatron extra
+    states (keyed per expert *group*) where a quantized model has ModelOpt quantizer states (keyed
+    per expert), so those objects do not correspond; the quantizers keep their fresh state.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     sd = inner.sharded_state_dict()
-    # "unexpected" in Megatron's terms = requested by the model but absent from the checkpoint
-    # (megatron/core/dist_checkpointing/validation.py StrictHandling); the optimizer's keys that
-    # the checkpoint also holds are simply not requested.
-    loaded, _missing, unexpected = dist_checkpointing.load(
-        {"model": sd}, str(iter_dir), strict=StrictHandling.RETURN_UNEXPECTED)
-    absent = sorted(unexpected)
-    bad = [k for k in absent if not (allow_missing_quant_state and "_extra_state" in k)]
-    if bad:
-        raise CheckpointError(f"{iter_dir}: checkpoint lacks {len(bad)} model tensors, e.g. "
-                              f"{bad[:3]} (different architecture?)")
-    inner.load_state_dict(loaded["model"], strict=not absent)
+    if weights_only:
+        sd = {k: v for k, v in sd.items()
+              if not (isinstance(v, ShardedObject) and k.endswith("_extra_state"))}
+    try:
+        loaded = dist_checkpointing.load({"model": sd}, str(iter_dir),
+                                         strict=StrictHandling.RAISE_UNEXPECTED)
+    except Exception as e:   # CheckpointingException for keys the checkpoint lacks, shape errors
+        raise CheckpointError(f"{iter_dir}: cannot load the model from this checkpoint "
+                              f"(different architecture or quantization?): {e}") from e
+    result = inner.load_state_dict(loaded["model"], strict=not weights_only)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"{iter_dir}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
 
 
 def load_model_weights(model, path: str | os.PathLike) -> Path:
@@ -258,7 +267,7 @@ def load_model_weights(model, path: str | os.PathLike) -> Path:
     one) and under any TP/EP/PP layout. Returns the iteration directory used.
     """
     iter_dir = resolve_checkpoint(path)
-    _load_model_state(_unwrap(model), iter_dir, allow_missing_quant_state=True)
+    _load_model_state(_unwrap(model), iter_dir, weights_only=True)
     return iter_dir
 
 
@@ -324,6 +333,6 @@ def load_model_for_export(ckpt_dir: str | os.PathLike):
         raise CheckpointError(f"{iter_dir}: neither config.json nor recipe.yaml; cannot tell the architecture")
     model = build_model(arch, use_te=False, params_dtype=torch.float32)
     _restore_quant(model, iter_dir)
-    _load_model_state(model, iter_dir, allow_missing_quant_state=False)
+    _load_model_state(model, iter_dir, weights_only=False)
     model.eval()
     return model, arch, recipe

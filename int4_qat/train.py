@@ -112,16 +112,29 @@ class Trainer:
         # 3. model + weights
         model = build_model(self.arch, use_te=not self.cpu, params_dtype=self.dtype)
         src = init_from if init_from is not None else recipe.model.checkpoint
-        self.init_source = None
-        if src is not None and (Path(src) / "config.json").is_file() and not (Path(src) / ckpt.TRAIN_STATE).exists() \
-                and not (Path(src) / ckpt.LATEST).exists():
-            import_hf_checkpoint(model, self.arch, src)
-            self.init_source = f"hf:{src}"
+        self.init_source, ckpt_dir = None, None
+        if src is not None:
+            p = Path(src)
+            if (p / "config.json").is_file() and not (p / ckpt.TRAIN_STATE).exists() \
+                    and not (p / ckpt.LATEST).exists():
+                import_hf_checkpoint(model, self.arch, p)
+                self.init_source = f"hf:{p}"
+            else:
+                ckpt_dir = ckpt.resolve_checkpoint(p)
+        # A BF16 checkpoint is loaded before fake quant is inserted, a QAT one after: ModelOpt
+        # re-keys the routed experts' sharded state (one entry per expert), so each checkpoint
+        # kind only matches the model in the state it was saved from.
+        ckpt_quantized = ckpt_dir is not None and ckpt.read_train_state(ckpt_dir).get("quantized", False)
+        if ckpt_dir is not None and not ckpt_quantized:
+            self.init_source = f"ckpt:{ckpt.load_model_weights(model, ckpt_dir)}"
         # 4. fake quant
         if quant:
             model = self.scheme.apply(model)
-        if src is not None and self.init_source is None:
-            self.init_source = f"ckpt:{ckpt.load_model_weights(model, src)}"
+        if ckpt_dir is not None and ckpt_quantized:
+            if not quant:
+                raise ValueError(f"--init-from {ckpt_dir}: a QAT checkpoint cannot initialise a --no-quant "
+                                 f"run here; export it to HF (tools/export.py) or drop --no-quant")
+            self.init_source = f"ckpt:{ckpt.load_model_weights(model, ckpt_dir)}"
         # 5. DDP, optimizer, scheduler
         self.model = self._wrap_ddp(model)
         self.optimizer, self.scheduler = self._build_optimizer()

@@ -116,3 +116,26 @@ def test_load_model_for_export_and_init_from(runs, tmp_path):
     assert tr.step == 0 and tr.init_source.startswith("ckpt:")
     got = dict(C._unwrap(tr.model).named_parameters())
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_bf16_checkpoint_initialises_qat(runs, tmp_path):
+    """The usual flow: BF16 baseline → QAT from its checkpoint (weights only)."""
+    from int4_qat.modelopt_backend import fake_quantized_weights
+    from int4_qat.train import Trainer, train
+
+    bf16 = train(runs["recipe"], cpu=True, out=tmp_path / "bf16", quant=False, steps=2,
+                 log=lambda s: None)
+    assert json.loads((bf16.checkpoint / C.TRAIN_STATE).read_text())["quantized"] is False
+    want = dict(C._unwrap(bf16.trainer.model).named_parameters())
+    qat = Trainer(runs["recipe"], cpu=True, init_from=tmp_path / "bf16" / "ckpt", out=tmp_path / "qat",
+                  resume=False, log=lambda s: None)
+    inner = C._unwrap(qat.model)
+    got = dict(inner.named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert len(fake_quantized_weights(inner)) == 32              # and fake quant is in place
+    model, _, _ = C.load_model_for_export(bf16.checkpoint)       # a BF16 run exports unquantized
+    assert fake_quantized_weights(model) == {}
+    with pytest.raises(ValueError, match="a QAT checkpoint cannot initialise a --no-quant run"):
+        Trainer(runs["recipe"], cpu=True, quant=False, init_from=runs["ckpt"], out=tmp_path / "x",
+                resume=False, log=lambda s: None)
