@@ -195,3 +195,21 @@ def test_ep2_moe_matches_ep1_and_reshards_for_export(tmp_path, corpus):
     loaded = W.gathered_fake_quant(t)
     for k, v in got["fq_after"].items():
         assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,fmt", [("tiny-deepseek-v3", "int4"), ("tiny-gpt-oss", "mxfp4")])
+def test_other_architectures_train_save_and_reload(model, fmt, corpus, tmp_path):
+    """DeepSeek-V3 (MLA, shared experts) and gpt-oss go through the same loop and checkpoint."""
+    from int4_qat.checkpoint import _unwrap, load_model_for_export
+    from int4_qat.modelopt_backend import fake_quantized_weights
+    from int4_qat.train import train
+
+    r = W.tiny_recipe(model, data=[corpus], fmt=fmt, steps=6, eval_interval=6)
+    res = train(r, cpu=True, out=tmp_path, log=lambda s: None)
+    assert sum(res.losses[-2:]) / 2 < res.losses[0] - 0.5, res.losses
+    want = fake_quantized_weights(_unwrap(res.trainer.model))
+    assert want and all("experts" in k for k in want)
+    loaded, arch, _ = load_model_for_export(res.checkpoint)
+    got = fake_quantized_weights(loaded)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
