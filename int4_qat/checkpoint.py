@@ -313,13 +313,12 @@ def load_model_for_export(ckpt_dir: str | os.PathLike):
     """
     from int4_qat.arch import build_model, load_arch
     from int4_qat.compat import cpu as compat_cpu
-    from int4_qat.compat import cpu_training
 
     iter_dir = resolve_checkpoint(ckpt_dir)
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise CheckpointError("load_model_for_export runs on one process; call it outside torchrun")
     compat_cpu.init_single_process_gloo(force=torch.cuda.is_available())
-    cpu_training.activate(force=torch.cuda.is_available())
+    compat_cpu.activate_training(force=torch.cuda.is_available())
     recipe = None
     if (iter_dir / "recipe.yaml").is_file():
         from int4_qat.recipe import Recipe

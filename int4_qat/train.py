@@ -103,11 +103,17 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         if self.cpu:
-            from int4_qat.compat import cpu_training
+            from int4_qat.compat import cpu as compat_cpu
 
-            cpu_training.activate(force=torch.cuda.is_available())
+            compat_cpu.activate_training(force=torch.cuda.is_available())
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        # Megatron keeps the MoE aux-loss backward scale in a class attribute and copy_()s into it
+        # (moe_utils.py MoEAuxLossAutoScaler.set_loss_scale): a second run in the same process
+        # (the demo, tests) would inherit the first run's tensor and its shape. Start each run clean.
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
         # 3. model + weights
         model = build_model(self.arch, use_te=not self.cpu, params_dtype=self.dtype)

@@ -75,7 +75,7 @@ def _tiny_cfgs():
               num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
               qk_rope_head_dim=8, v_head_dim=16, vocab_size=100, max_position_embeddings=128)
     oss = json.loads((MODELS / "gpt-oss-120b" / "config.json").read_text())
-    oss.pop("quantization_config")
+    oss.pop("quantization_config", None)
     oss.update(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_local_experts=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=100,
                layer_types=["sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1)
