@@ -142,6 +142,7 @@ def test_training_checkpoint_export_train_infer_consistency(tmp_path, fmt):
     model, arch, _ = C.load_model_for_export(ckpt)
     tokens = torch.randint(0, arch.hf_config["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(0))
     rep = train_infer_consistency(model, out, tokens)
+    print(f"\n{fmt} train-infer: {rep}")
     assert rep.positions == 2 * 31 and rep.top1_agree == 1.0
     assert rep.mean_abs_dlogprob < 1e-5 and rep.kl_mean < 1e-8, str(rep)
     # the metric can fail: the same Megatron model without fake quant vs the export differs
@@ -150,4 +151,5 @@ def test_training_checkpoint_export_train_infer_consistency(tmp_path, fmt):
 
     mtq.disable_quantizer(model, "*")
     plain = compare_logits(megatron_logits(model, tokens), export_logits(out, tokens), tokens)
+    print(f"{fmt} fake quant off vs export: {plain}")
     assert plain.mean_abs_dlogprob > 100 * max(rep.mean_abs_dlogprob, 1e-7), (str(plain), str(rep))
