@@ -110,7 +110,8 @@ def arch_shape(cfg: dict[str, Any], source: str = "config.json") -> ArchShape:
                   head_dim=cfg.get("head_dim") or h // heads,
                   attention_bias=bool(cfg.get("attention_bias", False)))
     if mt in ("qwen3_moe", "qwen3"):
-        E = cfg.get("num_experts", 0) if mt == "qwen3_moe" else 0
+        # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts on save
+        E = (cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if mt == "qwen3_moe" else 0
         step, only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers", []))
         moe = tuple(E > 0 and i not in only and (i + 1) % step == 0 for i in range(L))
         return ArchShape(**common, qk_norm=True, mla=None, dense_intermediate=g("intermediate_size"),

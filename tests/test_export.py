@@ -186,10 +186,14 @@ def test_refuses_bad_shapes_and_unservable(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+_proj\.weight: shape \[128, 128\].*group size 48"):
         export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", group_size=48, progress=False)
     assert _no_output(out)
-    with pytest.raises(ValueError, match=r"moe_intermediate_size 128 / serving TP 4 = 32 .* max\(64, group 128\)"):
+    with pytest.raises(ValueError, match=r"(?s)serving TP 4 / EP 1.*\(moe_intermediate_size / \(serving_tp / serving_ep\)\) "
+                                         r"% max\(64, group\) == 0, but 128 / 4 = 32 .*fix: .*export.serving_ep: 4"):
         export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", serving_tp=4, progress=False)
     assert _no_output(out)
-    with pytest.warns(UserWarning, match="group size 16 is not servable by Marlin"):
+    # serving expert parallel: each rank holds whole 128-wide experts -> servable
+    export_checkpoint(tiny["qwen3_moe"], str(tmp_path / "ep"), fmt="int4", serving_tp=4, serving_ep=4,
+                      progress=False)
+    with pytest.warns(UserWarning, match=r"Marlin serves INT4 groups \[32, 64, 128\] only, got 16"):
         export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", group_size=16, progress=False)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
 
@@ -237,7 +241,8 @@ def test_sigkill_midway_leaves_no_completed_output(tmp_path):
     # ~96 MB of BF16 experts in 3 shards: long enough to kill while shards are being written
     src = tmp_path / "big"
     os.makedirs(src)
-    cfg = {"model_type": "qwen3_moe", "hidden_size": 1024, "moe_intermediate_size": 1024}
+    cfg = {"model_type": "qwen3_moe", "hidden_size": 1024, "moe_intermediate_size": 1024, "num_experts": 8,
+           "num_hidden_layers": 3, "intermediate_size": 1024, "num_attention_heads": 8, "vocab_size": 512}
     json.dump(cfg, open(src / "config.json", "w"))
     wm = {}
     g = torch.Generator().manual_seed(0)
@@ -262,7 +267,7 @@ def test_sigkill_midway_leaves_no_completed_output(tmp_path):
             break
         time.sleep(0.005)
     proc.wait()
-    assert killed, "export finished before it could be killed"
+    assert killed, f"export ended (exit code {proc.returncode}) before it could be killed"
     assert not os.path.exists(out)  # the temp dir may remain, but never under the output's name
     # the next export to the same output cleans the stale temp dir and completes
     export_checkpoint(str(src), str(out), fmt="int4", progress=False)

@@ -180,7 +180,9 @@ def test_dry_run_export(monkeypatch, capsys):
     assert len(lines) == 1
     run = f"{REPO_ROOT}/runs/qwen3-30b-a3b-int4"
     assert (f"tools/export.py --input {run}/ckpt --output {run}/export/int4 --format int4 --recipe "
-            f"{REPO_ROOT}/recipes/qwen3-30b-a3b-int4.yaml --serving-tp 1") in lines[0]
+            f"{REPO_ROOT}/recipes/qwen3-30b-a3b-int4.yaml") in lines[0]
+    # the recipe's export.serving_tp / serving_ep reach the exporter through --recipe, not flags
+    assert "--serving-tp" not in lines[0]
 
 
 def test_export_without_checkpoint(tmp_path, capsys):

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--scope", choices=["experts", "all-linear"])
     p.add_argument("--recipe", help="recipe YAML whose quant: section fixes the scheme")
     p.add_argument("--serving-tp", type=int, help="SGLang TP size the export must be servable at (default: recipe or 1)")
+    p.add_argument("--serving-ep", type=int, help="SGLang expert-parallel size at serving (default: recipe or 1); "
+                   "Marlin sees moe_intermediate / (serving_tp / serving_ep) per rank")
     p.add_argument("--workers", type=int, help="conversion threads (default: min(2, cores))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dir atomically")
     p.add_argument("--allow-unservable", action="store_true", help="skip the Marlin MoE shape check")
@@ -35,7 +37,7 @@ def main(argv=None) -> int:
 
     try:
         r = export_checkpoint(a.input, a.output, fmt=a.format, group_size=a.group_size, scope=a.scope,
-                              recipe=a.recipe, serving_tp=a.serving_tp, workers=a.workers,
+                              recipe=a.recipe, serving_tp=a.serving_tp, serving_ep=a.serving_ep, workers=a.workers,
                               overwrite=a.overwrite, progress=not a.no_progress,
                               allow_unservable=a.allow_unservable)
     except ValueError as e:

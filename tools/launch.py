@@ -203,10 +203,6 @@ def export_commands(r: Recipe, recipe_path: str, extra: list[str]) -> list[list[
         cmd = [sys.executable, str(REPO / "tools" / "export.py"), "--input", str(r.train.checkpoint_dir),
                "--output", str(r.export.output_dir / fmt.value), "--format", fmt.value,
                "--recipe", str(Path(recipe_path).resolve())]
-        if r.export.serving_ep > 1:
-            # tools/export.py's Marlin check knows only a TP size; with serving EP the experts are
-            # split over serving_tp / serving_ep ranks, which is what Marlin sees per rank.
-            cmd += ["--serving-tp", str(r.export.moe_tp)]
         cmds.append(cmd + extra)
     return cmds
 

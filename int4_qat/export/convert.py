@@ -201,43 +201,31 @@ def plan_tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], scheme, m
     return TensorPlan(name, "copy", name, (TensorSpec(name, dtype, shape),), len(shape) >= 1)
 
 
-def _moe_dims(config: dict) -> tuple[int | None, int | None]:
-    hidden = config.get("hidden_size")
-    inter = config.get("moe_intermediate_size")
-    if inter is None and config.get("model_type") == "gpt_oss":
-        inter = config.get("intermediate_size")
-    return hidden, inter
-
-
-def check_marlin(scheme, config: dict, serving_tp: int, quantizes_experts: bool) -> None:
+def check_marlin(scheme, config: dict, serving_tp: int, quantizes_experts: bool, serving_ep: int = 1) -> None:
     """INT4 is served by Marlin kernels in SGLang/vLLM (marlin_utils.py, ``check_moe_marlin_supports_layer``).
 
-    Group sizes other than 32/64/128 only warn (a divisor of K is a valid checkpoint, just not a
-    Marlin-servable one); MoE shapes that Marlin rejects are errors, with the fix in the message.
+    The rule itself lives once, in :func:`int4_qat.planner.marlin_problems` (also what
+    ``make check-recipes`` runs). Here a group size other than 32/64/128 only warns (a divisor of K
+    is a valid checkpoint, just not a Marlin-servable one); shapes Marlin rejects are errors, with
+    the fix in the message.
     """
     if _fmt(scheme) != "int4":
         return
-    g = scheme.group_size
-    if g not in MARLIN_GROUP_SIZES:
-        warnings.warn(
-            f"INT4 group size {g} is not servable by Marlin (SGLang/vLLM accept {list(MARLIN_GROUP_SIZES)}); "
-            "the checkpoint is valid compressed-tensors but SGLang will refuse it", stacklevel=2
-        )
-    if not quantizes_experts:
-        return
-    hidden, inter = _moe_dims(config)
-    if hidden is not None and hidden % 128:
-        raise ValueError(f"config.json hidden_size {hidden} is not divisible by 128: Marlin MoE cannot serve it")
-    if inter is not None:
-        per_rank = inter / serving_tp
-        need = max(64, g)
-        if per_rank != int(per_rank) or int(per_rank) % need:
-            raise ValueError(
-                f"config.json moe_intermediate_size {inter} / serving TP {serving_tp} = {per_rank:g} is not "
-                f"divisible by max(64, group {g}) = {need}: Marlin MoE cannot serve it. Use a smaller "
-                f"serving TP (expert parallel instead), or group size "
-                f"{[x for x in MARLIN_GROUP_SIZES if per_rank == int(per_rank) and int(per_rank) % max(64, x) == 0] or 'none fits'}"
-            )
+    from int4_qat.planner import arch_shape, marlin_problems
+
+    problems = marlin_problems(arch_shape(config), scheme.group_size, serving_tp, serving_ep,
+                               scope=getattr(scheme.scope, "value", scheme.scope))
+    if not quantizes_experts:   # nothing MoE-shaped is packed: only the group-size note applies
+        problems = [q for q in problems if q.startswith("quant.group_size: Marlin serves")]
+    for q in problems:
+        if q.startswith("quant.group_size: Marlin serves"):
+            warnings.warn(f"{q} -- the checkpoint is valid compressed-tensors, but SGLang's Marlin "
+                          "kernels will refuse it", stacklevel=2)
+    errors = [q for q in problems if not q.startswith("quant.group_size: Marlin serves")]
+    if errors:
+        raise ValueError("config.json: this INT4 export cannot be served by Marlin at serving TP "
+                         f"{serving_tp} / EP {serving_ep}:\n  " + "\n  ".join(errors)
+                         + "\n(pass --allow-unservable to write it anyway)")
 
 
 def _finite(name: str, t: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ import tempfile
 __all__ = ["export_megatron"]
 
 
-def export_megatron(iter_dir: str, output_dir: str, scheme, *, serving_tp: int = 1, overwrite: bool = False,
+def export_megatron(iter_dir: str, output_dir: str, scheme, *, serving_tp: int = 1, serving_ep: int = 1, overwrite: bool = False,
                     progress: bool = True, workers: int | None = None, allow_unservable: bool = False):
     from int4_qat.arch import export_hf_state_dict, write_hf_checkpoint
     from int4_qat.checkpoint import load_model_for_export
@@ -36,5 +36,5 @@ def export_megatron(iter_dir: str, output_dir: str, scheme, *, serving_tp: int =
         tok = getattr(getattr(recipe, "model", None), "tokenizer", None) if recipe is not None else None
         if tok and os.path.isdir(str(tok)):
             side = str(tok)
-        return export_hf_dir(tmp, output_dir, scheme, serving_tp=serving_tp, workers=workers, overwrite=overwrite,
+        return export_hf_dir(tmp, output_dir, scheme, serving_tp=serving_tp, serving_ep=serving_ep, workers=workers, overwrite=overwrite,
                              progress=progress, allow_unservable=allow_unservable, side_dir=side)

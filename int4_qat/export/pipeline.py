@@ -56,7 +56,7 @@ def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, r
     CLI flags may only restate it. Without a recipe the flags build it."""
     from int4_qat.scheme import QuantScheme
 
-    serving_tp = 1
+    serving = (1, 1)   # (serving_tp, serving_ep)
     if recipe_path is None and input_dir and os.path.isfile(os.path.join(input_dir, "recipe.yaml")):
         recipe_path = os.path.join(input_dir, "recipe.yaml")
     if recipe_path is not None:
@@ -64,7 +64,7 @@ def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, r
 
         recipe = Recipe.load(recipe_path)
         scheme = recipe.quant.scheme()
-        serving_tp = recipe.export.serving_tp
+        serving = (recipe.export.serving_tp, recipe.export.serving_ep)
         asked = {"format": fmt, "group_size": group_size, "scope": scope}
         have = scheme.to_dict()
         for k, v in asked.items():
@@ -74,7 +74,7 @@ def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, r
                     "was trained with the recipe's scheme; exporting another one breaks train-infer "
                     "consistency. Drop the flag or edit the recipe."
                 )
-        return scheme, serving_tp
+        return scheme, serving
     if fmt is None:
         raise ValueError("--format is required when no recipe is given (int4, mxfp4 or nvfp4)")
     kw = {"format": fmt}
@@ -82,7 +82,7 @@ def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, r
         kw["group_size"] = group_size
     if scope is not None:
         kw["scope"] = scope
-    return QuantScheme(**kw), serving_tp
+    return QuantScheme(**kw), serving
 
 
 def _ordered(fn: Callable, items: Iterable, workers: int) -> Iterator:
@@ -194,6 +194,7 @@ def _final_config(config: dict, scheme, plans: list[cv.TensorPlan]) -> dict:
 
 def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None, group_size: int | None = None,
                       scope: str | None = None, recipe: str | None = None, serving_tp: int | None = None,
+                      serving_ep: int | None = None,
                       workers: int | None = None, overwrite: bool = False, progress: bool = True,
                       chunk_bytes: int = CHUNK_BYTES, allow_unservable: bool = False,
                       _fail_after: int | None = None) -> ExportResult:
@@ -207,14 +208,16 @@ def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None
         from int4_qat.checkpoint import resolve_checkpoint
 
         iter_dir = str(resolve_checkpoint(input_dir))
-        scheme, recipe_tp = resolve_scheme(fmt, group_size, scope, recipe, iter_dir)
+        scheme, (recipe_tp, recipe_ep) = resolve_scheme(fmt, group_size, scope, recipe, iter_dir)
         from int4_qat.export.megatron_source import export_megatron
 
         return export_megatron(iter_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp,
+                               serving_ep=serving_ep or recipe_ep,
                                overwrite=overwrite, progress=progress, workers=workers,
                                allow_unservable=allow_unservable)
-    scheme, recipe_tp = resolve_scheme(fmt, group_size, scope, recipe, input_dir)
-    return export_hf_dir(input_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp, workers=workers,
+    scheme, (recipe_tp, recipe_ep) = resolve_scheme(fmt, group_size, scope, recipe, input_dir)
+    return export_hf_dir(input_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp,
+                         serving_ep=serving_ep or recipe_ep, workers=workers,
                          overwrite=overwrite, progress=progress, chunk_bytes=chunk_bytes,
                          allow_unservable=allow_unservable, _fail_after=_fail_after, _t0=t0)
 
@@ -223,7 +226,8 @@ def _is_training_checkpoint(d: str) -> bool:
     return any(os.path.isfile(os.path.join(d, f)) for f in ("recipe.yaml", "latest"))
 
 
-def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 1, workers: int | None = None,
+def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 1, serving_ep: int = 1,
+                  workers: int | None = None,
                   overwrite: bool = False, progress: bool = True, chunk_bytes: int = CHUNK_BYTES,
                   allow_unservable: bool = False, _fail_after: int | None = None, _t0: float | None = None,
                   side_dir: str | None = None) -> ExportResult:
@@ -237,7 +241,8 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
     all_plans = [p for ps in plans_by_shard for p in ps]
     config = _final_config(source.config, scheme, all_plans)
     if not allow_unservable:
-        cv.check_marlin(scheme, source.config, serving_tp, any(p.kind != "copy" for p in all_plans))
+        cv.check_marlin(scheme, source.config, serving_tp, any(p.kind != "copy" for p in all_plans),
+                        serving_ep=serving_ep)
     result = ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict())
     workers = workers or min(2, os.cpu_count() or 1)
     total = sum(t.nbytes for t in source.tensors())
