@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
+from int4_qat.export.writer import tensor_nbytes
+
 __all__ = ["HFSource", "ShardInfo", "TensorInfo", "open_hf_source", "SIDE_FILES", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -58,10 +60,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass

@@ -67,6 +67,14 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a dense tensor of ``dtype`` and ``shape`` (without allocating it)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Name, dtype and shape of one output tensor, known before its data is computed."""
@@ -77,10 +85,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 class ShardWriter:
