@@ -45,6 +45,7 @@ demo: $(STAMP) ## the whole pipeline on CPU: BF16, PTQ vs QAT (INT4/MXFP4/NVFP4)
 bench: $(STAMP) ## benchmarks under bench/ (ratios measured side by side)
 	$(PY) bench/bench_fake_quant.py
 	$(PY) bench/bench_export.py
+	$(PY) bench/bench_qat_step.py
 
 check-recipes: $(STAMP) ## validate every recipes/*.yaml (schema, layout, group/shard, Marlin serving limits)
 	$(PY) tools/launch.py check recipes/*.yaml

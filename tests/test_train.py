@@ -86,21 +86,17 @@ def test_training_lowers_loss_on_real_text(fmt, runs):
 
 
 @pytest.mark.slow
-def test_qat_vs_bf16_step_time_and_metrics(runs, capsys):
-    med = {}
+def test_metrics_log_and_lr_schedule(runs):
+    """metrics.jsonl has every step, flags quantization, and the LR warms up then decays.
+    (Step time QAT vs BF16 is measured side by side in bench/bench_qat_step.py, not here.)"""
     for fmt in (None, "int4", "mxfp4", "nvfp4"):
         res = runs(fmt)
-        t = sorted(res.step_times[2:])
-        med[fmt] = t[len(t) // 2]                 # median step, warm-up excluded
         rows = [json.loads(x) for x in (res.trainer.out / "metrics.jsonl").read_text().splitlines()]
         assert [x["step"] for x in rows] == list(range(1, STEPS + 1))
         assert all(x["quantized"] is (fmt is not None) and x["tokens_per_s"] > 0 for x in rows)
         assert rows[-1]["eval_loss"] == res.eval_losses[STEPS]
         assert res.lrs[0] < res.lrs[2] and res.lrs[-1] < res.lrs[2]     # warmup, then cosine
-    with capsys.disabled():
-        print("\n[median step time, tiny-qwen3-moe, CPU] " + ", ".join(
-            f"{k or 'no-quant'} {v * 1e3:.0f} ms ({v / med[None]:.2f}x)" for k, v in med.items()))
-    assert all(v > 0 for v in med.values())   # the ratio is printed, not asserted: the CPU is shared
+        assert len(res.step_times) == STEPS and all(t > 0 for t in res.step_times)
 
 
 def test_main_cli_runs_and_saves(corpus, tmp_path):
