@@ -23,7 +23,7 @@ import torch
 from int4_qat.arch.hf_io import HFCheckpointReader, write_hf_checkpoint
 
 __all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "make_tiny_hf_checkpoint",
-           "build_tiny_hf_model"]
+           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIGS_DIR = REPO_ROOT / "recipes" / "models"
@@ -87,3 +87,26 @@ def make_tiny_hf_checkpoint(model_type_or_config_dir: str | os.PathLike, out_dir
         stale.unlink()
     write_hf_checkpoint(tensors, out, shards=shards)
     return out
+
+
+def rewrite_checkpoint(ckpt_dir: str | os.PathLike, transform, shards: int = 2) -> Path:
+    """Rewrite ``ckpt_dir`` in place with ``transform(name, tensor) -> tensor`` applied to every
+    tensor (tests use it to give features that transformers initialises to ~0 a size that bites)."""
+    import json
+
+    from int4_qat.arch.hf_io import iter_checkpoint
+
+    out = Path(ckpt_dir)
+    tensors = [(name, transform(name, t)) for name, t in iter_checkpoint(out)]
+    write_hf_checkpoint(tensors, out, shards=shards, config=json.loads((out / "config.json").read_text()))
+    return out
+
+
+def megatron_from_hf(ckpt_dir: str | os.PathLike):
+    """``(model.eval(), arch)``: the Megatron model (local spec) with ``ckpt_dir``'s weights imported."""
+    from int4_qat.arch import build_model, import_hf_checkpoint, load_arch
+
+    arch = load_arch(ckpt_dir)
+    model = build_model(arch, use_te=False)
+    import_hf_checkpoint(model, arch, ckpt_dir)
+    return model.eval(), arch

@@ -10,7 +10,7 @@ import torch
 from int4_qat.arch import build_model, export_hf_state_dict, import_hf_checkpoint, load_arch
 from int4_qat.arch.hf_io import iter_checkpoint, write_hf_checkpoint
 from int4_qat.compat import cpu as compat_cpu
-from int4_qat.testing import make_tiny_hf_checkpoint, tiny_config_dir
+from int4_qat.testing import make_tiny_hf_checkpoint, megatron_from_hf, rewrite_checkpoint, tiny_config_dir
 
 SEQ = 32
 
@@ -23,22 +23,13 @@ def ckpt(tmp_path_factory):
     out = make_tiny_hf_checkpoint("deepseek_v3", tmp_path_factory.mktemp("ds") / "hf",
                                   dtype=torch.float32, shards=2)
     gen = torch.Generator().manual_seed(7)
-    tensors = []
-    for name, t in iter_checkpoint(out):
-        if name.endswith("e_score_correction_bias"):
-            t = 0.05 * torch.randn(t.shape, generator=gen)
-        tensors.append((name, t))
-    config = json.loads((out / "config.json").read_text())
-    write_hf_checkpoint(tensors, out, shards=2, config=config)
-    return out
+    return rewrite_checkpoint(out, lambda name, t: 0.05 * torch.randn(t.shape, generator=gen)
+                              if name.endswith("e_score_correction_bias") else t)
 
 
 @pytest.fixture(scope="module")
 def model_and_arch(ckpt):
-    arch = load_arch(ckpt)
-    model = build_model(arch, use_te=False)
-    import_hf_checkpoint(model, arch, ckpt)
-    return model.eval(), arch
+    return megatron_from_hf(ckpt)
 
 
 def test_structure(model_and_arch):

@@ -12,9 +12,9 @@ import torch
 
 from int4_qat.arch import Rule, build_model, export_hf_state_dict, import_hf_checkpoint, load_arch
 from int4_qat.arch.gpt_oss import gate_up_to_hf, gate_up_to_mcore
-from int4_qat.arch.hf_io import iter_checkpoint, write_hf_checkpoint
+from int4_qat.arch.hf_io import iter_checkpoint
 from int4_qat.compat import cpu as compat_cpu
-from int4_qat.testing import make_tiny_hf_checkpoint, tiny_config_dir
+from int4_qat.testing import make_tiny_hf_checkpoint, megatron_from_hf, rewrite_checkpoint, tiny_config_dir
 
 SEQ = 32
 LIMIT = 7.0
@@ -28,23 +28,19 @@ def ckpt(tmp_path_factory):
     out = make_tiny_hf_checkpoint("gpt_oss", tmp_path_factory.mktemp("gpt_oss") / "hf",
                                   dtype=torch.float32, shards=2)
     gen = torch.Generator().manual_seed(11)
-    tensors = []
-    for name, t in iter_checkpoint(out):
+
+    def bite(name, t):
         if name.endswith("experts.gate_up_proj"):
-            t = t * 40
-        elif name.endswith(("self_attn.sinks", "mlp.router.bias")):
-            t = torch.randn(t.shape, generator=gen)
-        tensors.append((name, t))
-    write_hf_checkpoint(tensors, out, shards=2, config=json.loads((out / "config.json").read_text()))
-    return out
+            return t * 40
+        if name.endswith(("self_attn.sinks", "mlp.router.bias")):
+            return torch.randn(t.shape, generator=gen)
+        return t
+    return rewrite_checkpoint(out, bite)
 
 
 @pytest.fixture(scope="module")
 def model_and_arch(ckpt):
-    arch = load_arch(ckpt)
-    model = build_model(arch, use_te=False)
-    import_hf_checkpoint(model, arch, ckpt)
-    return model.eval(), arch
+    return megatron_from_hf(ckpt)
 
 
 @pytest.fixture(scope="module")
