@@ -23,6 +23,19 @@ Choices, and why
 * ``algorithm: None``: ``mtq.calibrate`` does nothing, so no ``_amax`` is collected or needed
   (``max`` calibration would run every weight through a MaxCalibrator for a number nobody uses).
 * Input and output quantizers stay disabled: W4A16.
+* NVFP4's per-matrix global scale under tensor parallelism: a TP-sharded weight (Column/Row
+  parallel linears at TP > 1, experts at ETP > 1) must take its global scale from the amax of the
+  *whole* matrix, which the exporter sees gathered (``int4_qat/formats/nvfp4.py``: "a shard must
+  pass its TP-group max"). :func:`apply_scheme` tags such quantizers with
+  ``backend_extra_args["tp_amax"] = "tp" | "etp"`` (which Megatron group splits the weight);
+  :func:`_backend_entry`, the function registered with ModelOpt, max-reduces
+  ``nvfp4.matrix_amax`` over that group and passes it as ``global_amax``. The group is looked up
+  when the forward runs, so a model restored at another layout (export at TP 1) needs no change.
+  The reduce is one asynchronous all-reduce of a scalar per weight per forward (no host sync);
+  every rank of the group runs the same weights in the same order (SequentialMLP calls every
+  local expert, even one with no tokens), so it cannot deadlock.
+* The expert module is Megatron's ``SequentialMLP`` with our quant module
+  (:mod:`int4_qat.modelopt_modules`: ModelOpt's refuses TP x EP; ours needs no amax sync).
 
 Supported layouts (what the weight quantizer sees)
 --------------------------------------------------
@@ -78,8 +91,10 @@ __all__ = [
 BACKEND_NAME = "int4_qat"
 
 
-def fake_quant_backend(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    """ModelOpt backend entry point: ``fn(inputs, quantizer) -> fake-quantized inputs``."""
+def fake_quant_backend(inputs: torch.Tensor, quantizer, *, global_amax=None) -> torch.Tensor:
+    """ModelOpt backend entry point: ``fn(inputs, quantizer) -> fake-quantized inputs``.
+
+    ``global_amax`` (NVFP4 only): the TP-group max of ``matrix_amax``, see :func:`_backend_entry`."""
     args = quantizer.backend_extra_args or {}
     try:
         fmt = QuantFormat(args["format"])
@@ -90,22 +105,79 @@ def fake_quant_backend(inputs: torch.Tensor, quantizer) -> torch.Tensor:
             "valid 'format'/'group_size' (build the config with QuantScheme.modelopt_config())"
         ) from exc
     rule = {"scale_rule": args["scale_rule"]} if args.get("scale_rule") else {}
+    if global_amax is not None:
+        rule["global_amax"] = global_amax
     return get_format(fmt).fake_quantize(
         inputs, group_size, name=args.get("name", "weight"), **rule
     )
 
 
+def _amax_group(kind: str | None):
+    """The Megatron group a ``tp_amax`` tag names, or None when there is nothing to reduce."""
+    if kind is None:
+        return None
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    if kind == "tp":
+        group = ps.get_tensor_model_parallel_group()
+    elif kind == "etp":
+        group = ps.get_expert_tensor_parallel_group()
+    else:
+        raise ValueError(f"backend_extra_args tp_amax={kind!r}: expected 'tp' or 'etp'")
+    return group if group is not None and group.size() > 1 else None
+
+
+def _backend_entry(inputs: torch.Tensor, quantizer) -> torch.Tensor:
+    """What ModelOpt calls: :func:`fake_quant_backend`, given the TP-group ``global_amax`` for an
+    NVFP4 weight tagged ``tp_amax`` (see "Choices" in the module docstring)."""
+    group = _amax_group((quantizer.backend_extra_args or {}).get("tp_amax"))
+    if group is None:
+        return fake_quant_backend(inputs, quantizer)
+    import torch.distributed as dist
+
+    from int4_qat.formats.nvfp4 import matrix_amax
+
+    amax = matrix_amax(inputs.detach())
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    return fake_quant_backend(inputs, quantizer, global_amax=amax)
+
+
 def register_backend() -> None:
-    """Register :func:`fake_quant_backend` with ModelOpt under ``BACKEND_NAME`` (idempotent)."""
+    """Register our backend with ModelOpt under ``BACKEND_NAME`` and put our quant modules in
+    ModelOpt's registry (:mod:`int4_qat.modelopt_modules`). Idempotent; call it before
+    ``mtq.quantize`` and before restoring a ModelOpt state."""
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
         _QUANT_FUNCTIONAL_BACKENDS,
         register_quant_backend,
     )
 
-    if _QUANT_FUNCTIONAL_BACKENDS.get(BACKEND_NAME) is not fake_quant_backend:
+    from int4_qat import modelopt_modules
+
+    if _QUANT_FUNCTIONAL_BACKENDS.get(BACKEND_NAME) is not _backend_entry:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Overwriting existing backend" after a reload
-            register_quant_backend(BACKEND_NAME, fake_quant_backend)
+            register_quant_backend(BACKEND_NAME, _backend_entry)
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:  # pragma: no cover - HF-only use of the backend
+        return
+    modelopt_modules.install()
+
+
+def _tp_amax_kind(owner: torch.nn.Module) -> str | None:
+    """``"tp"`` / ``"etp"``: the Megatron group that splits ``owner``'s weight; None: not split
+    (HF modules, TE ``duplicated`` linears). Local spec: Column/RowParallelLinear (experts on the
+    expert-TP group); TE: ``parallel_mode`` column/row, grouped expert linears."""
+    try:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    except ImportError:  # pragma: no cover
+        return None
+    mode = getattr(owner, "parallel_mode", "absent")
+    if isinstance(owner, (ColumnParallelLinear, RowParallelLinear)) or mode in ("column", "row"):
+        return "etp" if getattr(owner, "is_expert", False) else "tp"
+    return None
 
 
 def _quantizer_glob(weight_glob: str) -> str:
@@ -206,8 +278,14 @@ def apply_scheme(scheme: "QuantScheme", model: torch.nn.Module) -> torch.nn.Modu
                 "the glob lists in int4_qat/scheme.py and the quant_cfg disagree"
             )
         # Give each quantizer its own args dict carrying the weight's name, so a format error
-        # (non-finite value, K not divisible by the group) names the tensor.
-        quantizer.backend_extra_args = {**quantizer.backend_extra_args, "name": wname}
+        # (non-finite value, K not divisible by the group) names the tensor; NVFP4 weights split
+        # over a TP group say which group shares their global scale.
+        extra = {"name": wname}
+        if scheme.format is QuantFormat.NVFP4:
+            kind = _tp_amax_kind(model.get_submodule(wname.rpartition(".")[0]))
+            if kind is not None:
+                extra["tp_amax"] = kind
+        quantizer.backend_extra_args = {**quantizer.backend_extra_args, **extra}
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     for name, mod in model.named_modules():  # ...and the other direction: claimed => enabled
@@ -219,6 +297,9 @@ def apply_scheme(scheme: "QuantScheme", model: torch.nn.Module) -> torch.nn.Modu
                 f"{scheme.describe()} quantizes {name} but its ModelOpt weight quantizer is "
                 "disabled; the glob lists in int4_qat/scheme.py and the quant_cfg disagree"
             )
+    from int4_qat.modelopt_modules import check_no_amax_in_experts
+
+    check_no_amax_in_experts(model, BACKEND_NAME)
     return model
 
 

@@ -116,7 +116,8 @@ class Trainer:
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
         # 3. model + weights
-        model = build_model(self.arch, use_te=not self.cpu, params_dtype=self.dtype)
+        model = build_model(self.arch, use_te=not self.cpu, params_dtype=self.dtype,
+                            sequence_parallel=recipe.parallel.sequence_parallel)
         src = init_from if init_from is not None else recipe.model.checkpoint
         self.init_source, ckpt_dir = None, None
         if src is not None:

@@ -60,6 +60,27 @@ def gathered_fake_quant(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def full_logits(trainer, samples: int = 2) -> torch.Tensor:
+    """Eval-mode logits ``[b, s, vocab]`` of the first ``samples`` eval windows (TP-gathered;
+    pipeline-parallel size 1 only). Every rank computes the same batch."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from int4_qat.checkpoint import _unwrap
+
+    assert ps.get_pipeline_model_parallel_world_size() == 1, "logits need pp=1"
+    inner = _unwrap(trainer.model)
+    tokens, _ = trainer.eval_ds.batch(list(range(samples)))
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    inner.eval()
+    try:
+        out = inner(tokens, pos, trainer._mask)
+    finally:
+        inner.train()
+    return gather_from_tensor_model_parallel_region(out).clone()
+
+
 def run_layout(spec: dict) -> dict:
     """Build, record fake-quant weights, step, record again; see the module docstring."""
     from int4_qat.recipe import Recipe
@@ -75,6 +96,8 @@ def run_layout(spec: dict) -> dict:
                       "pp": ps.get_pipeline_model_parallel_world_size(),
                       "dp": ps.get_data_parallel_world_size()},
            "fq_before": gathered_fake_quant(tr)}
+    if spec.get("logits"):
+        res["logits"] = full_logits(tr)
     res["losses"] = [tr.train_step()["loss"] for _ in range(spec["steps"])]
     res["fq_after"] = gathered_fake_quant(tr)
     if spec.get("save"):
@@ -83,10 +106,15 @@ def run_layout(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    """One spec, or ``{"runs": [spec, ...], "result": path}``: several layouts/formats in one
+    torchrun launch (each builds its own Trainer; rank 0 saves the list of results)."""
     import torch.distributed as dist
 
     spec = json.loads(Path(argv[0]).read_text())
-    res = run_layout(spec)
+    if "runs" in spec:
+        res = [run_layout(s) for s in spec["runs"]]
+    else:
+        res = run_layout(spec)
     if dist.get_rank() == 0:
         torch.save(res, spec["result"])
     dist.barrier()

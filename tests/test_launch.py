@@ -95,14 +95,14 @@ def test_layout_and_serving_problems_reported_together(tmp_path):
 
 
 def test_cpu_run_refuses_gpu_only_layout(tmp_path, monkeypatch, capsys):
-    """Without CUDA, a real (not DRY_RUN) train refuses MoE + TP before starting torchrun."""
+    """Without CUDA, a real (not DRY_RUN) train refuses MLA + TP before starting torchrun."""
     monkeypatch.delenv("DRY_RUN", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(SystemExit) as ei:
-        launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-30b-a3b-int4.yaml")])
+        launch.main(["train", str(REPO_ROOT / "recipes" / "kimi-k2-int4.yaml")])
     assert ei.value.code == 1
     cap = capsys.readouterr()
-    assert "MoE with tp=4 is GPU-only here" in cap.err and "+ " not in cap.out
+    assert "MLA with tp=8 is GPU-only here" in cap.err and "+ " not in cap.out
 
 
 def test_name_must_match_file(tmp_path):

@@ -68,8 +68,11 @@ def test_sequence_parallel_rules():
     with pytest.raises(ValueError, match=r"sequence_parallel=true needs tp > 1"):
         validate_layout(P(sequence_parallel=True), 1)
     validate_layout(P(tp=2, sequence_parallel=True), 2, moe)
-    with pytest.raises(ValueError, match=r"MoE with tp=2 is GPU-only here"):
-        validate_layout(P(tp=2, sequence_parallel=True), 2, moe, cpu=True)
+    # MoE + TP runs on CPU (compat.cpu's sequence-parallel norm); MLA + TP does not (local spec)
+    validate_layout(P(tp=2, sequence_parallel=True), 2, moe, cpu=True)
+    with pytest.raises(ValueError, match=r"MLA with tp=2 is GPU-only here"):
+        validate_layout(P(tp=2, sequence_parallel=True), 2, cfg("tiny-deepseek-v3"), cpu=True)
+    validate_layout(P(tp=2, sequence_parallel=True), 2, cfg("tiny-deepseek-v3"))   # GPU: fine
     validate_layout(P(tp=2), 2, cfg("tiny-qwen3"), cpu=True)      # dense TP on CPU is fine
 
 

@@ -380,14 +380,24 @@ def load_arch(hf_dir) -> Arch:
 def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None, params_dtype: torch.dtype = torch.float32,
                 parallel_output: bool = True, vp_stage: Optional[int] = None,
+                sequence_parallel: Optional[bool] = None,
                 config_overrides: Optional[dict] = None):
     """Megatron-Core ``GPTModel`` for ``arch`` on the current ``parallel_state`` (TP/PP/EP/ETP).
 
     ``use_te=True``: Transformer-Engine spec (GPU). ``use_te=False``: Megatron's local spec with
     CPU-friendly settings (``use_cpu_initialization``, no fusions, ``allgather`` MoE dispatcher)
-    -- call ``int4_qat.compat.cpu.activate()`` / ``init_model_parallel`` first. Experts are always
-    a ``SequentialMLP`` (``moe_grouped_gemm=False``), whose ``local_experts.{i}`` names the rules map;
-    the router runs in fp32 (``moe_router_dtype``), as HF's softmax does.
+    -- call ``int4_qat.compat.cpu.activate()`` / ``init_model_parallel`` first (its norm shim is
+    what lets the local spec run sequence parallel, so MoE + TP runs on a CPU too).
+
+    ``sequence_parallel``: the recipe's ``parallel.sequence_parallel`` -- the one place it is
+    decided (``int4_qat.parallel.validate_layout`` checks the same flag: MoE with TP > 1 needs
+    it, and then ``seq_length % tp == 0``). ``None`` means "on whenever TP > 1".
+
+    Experts are always a ``SequentialMLP`` (``moe_grouped_gemm=False``), on both specs: its
+    ``local_experts.{i}`` are ordinary Column/RowParallelLinears that ModelOpt quantizes per
+    expert, under any TP x EP x ETP once ``int4_qat.modelopt_backend.register_backend`` has put
+    our SequentialMLP quant module in place (docs/DESIGN.md "The expert module" says why not
+    ``TEGroupedMLP``). The router runs in fp32 (``moe_router_dtype``), as HF's softmax does.
     ``pre_process``/``post_process`` default to "first/last pipeline stage"; the decoder holds
     only this stage's layers (Megatron's ``get_transformer_layer_offset``). ``config_overrides``
     are applied last to the TransformerConfig kwargs (e.g. ``{"recompute_granularity": ...}``).
@@ -403,10 +413,19 @@ def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,
     tp = ps.get_tensor_model_parallel_world_size()
     if arch.vocab_size % tp:
         raise ValueError(f"{arch.config_path}: vocab_size {arch.vocab_size} is not divisible by TP={tp}")
-    if arch.is_moe and tp > 1 and not use_te:
-        raise ValueError(f"{arch.config_path}: MoE with TP={tp} needs sequence parallelism, which "
-                         "the local (CPU) spec's torch norms do not support; use EP for the experts "
-                         "on CPU, or use_te=True on GPU")
+    sp = tp > 1 if sequence_parallel is None else bool(sequence_parallel)
+    if arch.is_moe and tp > 1 and not sp:
+        raise ValueError(f"{arch.config_path}: MoE with TP={tp} needs sequence parallelism "
+                         "(megatron/core/transformer/moe/moe_layer.py); set "
+                         "parallel.sequence_parallel: true")
+    if sp and tp == 1:
+        sp = False                 # Megatron refuses SP without TP; a TP=1 rebuild (export) drops it
+    if sp and not use_te:
+        from int4_qat.compat import cpu as compat_cpu
+
+        if not compat_cpu.is_active():
+            raise RuntimeError("build_model: sequence parallel on the local spec needs the CPU "
+                               "norm shim; call int4_qat.compat.cpu.activate() first")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
@@ -419,7 +438,7 @@ def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,
         expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
         params_dtype=params_dtype, pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
-        sequence_parallel=use_te and tp > 1,
+        sequence_parallel=sp,
     )
     if arch.is_moe:
         kw.setdefault("moe_router_dtype", "fp32")     # an architecture may ask for fp64

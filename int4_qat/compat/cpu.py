@@ -35,13 +35,25 @@ What is patched (megatron/core paths are relative to site-packages/megatron/core
    :func:`seed_everything`. (With ``use_cpu_initialization=True`` Megatron initialises the full
    master weight on CPU from the default generator and slices it, so weights do not depend on TP.)
 
-Things this module does *not* fix (see /work/shared/CPU-NOTES.md): the ``alltoall`` token
-dispatcher (creates a ``torch.cuda.Stream``; use ``allgather``), MoE with TP>1 (needs sequence
-parallel, which the torch norms refuse). MLA and gpt-oss attention: see the section at the end.
+5. ``transformer/torch_norm.py:32`` -- ``WrappedTorchNorm`` (the local spec's norm) asserts
+   ``not config.sequence_parallel``, and MoE layers with TP > 1 need sequence parallel
+   (``transformer/moe/moe_layer.py``), so MoE + TP could not run without Transformer-Engine.
+   A norm is per token, so it computes the same thing on a sequence shard; what sequence parallel
+   adds is that each TP rank sees only its shard's tokens, so its weight gradient is partial. TE's
+   norms mark their parameters ``sequence_parallel = True`` (transformer_engine/pytorch/module/
+   rmsnorm.py, layernorm.py) and Megatron sums the gradients of such parameters over the TP group
+   (``distributed/finalize_model_grads.py`` ``_allreduce_non_tensor_model_parallel_grads``). The
+   shim builds the torch norm and sets the same flag: :func:`_sp_torch_norm`. The rest of sequence
+   parallel (all-gather / reduce-scatter along the sequence) runs on gloo as it is.
+
+Things this module does *not* fix (see docs/DESIGN.md "CPU"): the ``alltoall`` token dispatcher
+(creates a ``torch.cuda.Stream``; use ``allgather``). MLA and gpt-oss attention: see the section
+at the end.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import functools
 import importlib
@@ -94,11 +106,14 @@ def activate(*, force: bool = False) -> None:
         )
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if torch.cuda.current_device is not _cpu_current_device:      # keep the true originals
         _ORIGINALS["current_device"] = torch.cuda.current_device
     if fused_softmax.get_default_causal_mask is not _cpu_default_causal_mask:
         _ORIGINALS["causal_mask"] = fused_softmax.get_default_causal_mask
+    if WrappedTorchNorm.__dict__["__new__"] is not _SP_NORM_NEW:
+        _ORIGINALS["torch_norm_new"] = WrappedTorchNorm.__dict__["__new__"]
     # shim 1: torch.cuda.current_device (see the module docstring for the call sites)
     torch.cuda.current_device = _cpu_current_device
     # shim 2: megatron/core/fusions/fused_softmax.py:8 imports the name; line 327 calls it
@@ -107,20 +122,23 @@ def activate(*, force: bool = False) -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     _install_rng_tracker()                        # shim 4
+    WrappedTorchNorm.__new__ = _SP_NORM_NEW       # shim 5
     _ACTIVE = True
 
 
 def deactivate() -> None:
-    """Undo shims 1-2 and reset the RNG tracker (for tests that forced the CPU path on a GPU
-    machine and hand the process back). A no-op when not active."""
+    """Undo shims 1, 2 and 5 and reset the RNG tracker (for tests that forced the CPU path on a
+    GPU machine and hand the process back). A no-op when not active."""
     global _ACTIVE
     if not _ACTIVE:
         return
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     torch.cuda.current_device = _ORIGINALS["current_device"]
     fused_softmax.get_default_causal_mask = _ORIGINALS["causal_mask"]
+    WrappedTorchNorm.__new__ = _ORIGINALS["torch_norm_new"]
     mrandom.initialize_rng_tracker(force_reset=True)
     _ACTIVE = False
 
@@ -144,6 +162,28 @@ def causal_attention_mask(seq_len: int, device: torch.device | str = "cpu") -> t
 def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
     # CPU twin of megatron/core/transformer/utils.py:33 get_default_causal_mask (device="cuda" there).
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sp_torch_norm(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
+                   zero_centered_gamma=False, normalization="LayerNorm"):
+    """Shim 5: ``WrappedTorchNorm(...)`` that accepts ``config.sequence_parallel``.
+
+    Builds the same torch ``RMSNorm`` / ``LayerNorm`` (the original constructor, handed a copy of
+    the config with the flag off) and marks every parameter ``sequence_parallel`` with the
+    config's value, as TE's norms do, so ``finalize_model_grads`` sums their partial gradients
+    over the TP group."""
+    sp = bool(config.sequence_parallel)
+    if sp:
+        config = copy.copy(config)
+        config.sequence_parallel = False
+    norm = _ORIGINALS["torch_norm_new"](cls, config, hidden_size, eps, persist_layer_norm,
+                                        zero_centered_gamma, normalization)
+    for p in norm.parameters():
+        setattr(p, "sequence_parallel", sp)
+    return norm
+
+
+_SP_NORM_NEW = staticmethod(_sp_torch_norm)
 
 
 def _install_rng_tracker() -> None:
