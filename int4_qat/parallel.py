@@ -48,6 +48,7 @@ __all__ = [
     "validate_layout",
     "init_parallel",
     "destroy_parallel",
+    "megatron_layout_kwargs",
     "ROW_PARALLEL_PROBES",
 ]
 
@@ -251,6 +252,19 @@ def validate_layout(parallel_section: Any, world_size: int, arch: Any = None, sc
             errors.append(f"train.seq_length={sl} is not divisible by tp={tp} (sequence parallel)")
     if errors:
         raise ValueError("invalid parallel layout:\n  " + "\n  ".join(errors))
+
+
+def megatron_layout_kwargs(parallel_section: Any) -> dict:
+    """TransformerConfig kwargs the layout fixes beyond the group sizes: the uneven pipeline split
+    (``num_layers_in_{first,last}_pipeline_stage``). The trainer and ``int4_qat.structure`` pass
+    them to ``build_model`` as ``config_overrides``."""
+    out = {}
+    for key, kw in (("first_stage_layers", "num_layers_in_first_pipeline_stage"),
+                    ("last_stage_layers", "num_layers_in_last_pipeline_stage")):
+        v = _get(parallel_section, key)
+        if v:
+            out[kw] = int(v)
+    return out
 
 
 def _pipeline_errors(layers: int, pp: int, first: int | None, last: int | None) -> list[str]:

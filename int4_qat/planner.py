@@ -440,12 +440,15 @@ def _fp4_serving_problems(a: ArchShape, fmt: str, block: int, serving_tp: int, s
     return []
 
 
-def check_recipe(path, cpu: bool = False) -> list[str]:
+def check_recipe(path, cpu: bool = False, structure: bool = False) -> list[str]:
     """Every problem that would stop ``path`` from training, exporting or serving, one line each
     (``<file>: <key>: <problem>; fix: ...``). Empty list = launchable. Runs before anything is
     launched or queued: schema, model config, layout (int4_qat.parallel.validate_layout), groups vs
     TP shards, export format vs trained format, serving limits, memory plan, name vs file.
-    ``cpu=True`` also rejects layouts that only run on GPUs (validate_layout's ``cpu``)."""
+    ``cpu=True`` also rejects layouts that only run on GPUs (validate_layout's ``cpu``).
+    ``structure=True``: when all of that passes, also build the model at the recipe's layout on
+    meta tensors and apply the scheme (:mod:`int4_qat.structure`, a subprocess, ~10-40 s), so a
+    refusal by Megatron's or ModelOpt's modules surfaces here."""
     from pathlib import Path as _P
 
     from int4_qat.recipe import Recipe, RecipeError
@@ -494,6 +497,10 @@ def check_recipe(path, cpu: bool = False) -> list[str]:
         probs.append(f"{src}: parallel: the plan needs {tm.total_gb:.0f} GB per GPU (stage {tm.stage}), "
                      f"more than a 141 GB GPU; fix: raise parallel.ep / pp / nodes or lower "
                      f"train.micro_batch / seq_length (python tools/plan_memory.py {src})")
+    if structure and not probs:
+        from int4_qat.structure import run_checks
+
+        probs += run_checks([src])[src].problems
     return probs
 
 

@@ -52,7 +52,7 @@ import torch.distributed as dist
 
 from int4_qat import checkpoint as ckpt
 from int4_qat import data as D
-from int4_qat.parallel import dist_env, init_parallel, validate_layout
+from int4_qat.parallel import dist_env, init_parallel, megatron_layout_kwargs, validate_layout
 
 __all__ = ["TrainResult", "Trainer", "train", "main", "parse_args"]
 
@@ -117,7 +117,8 @@ class Trainer:
 
         # 3. model + weights
         model = build_model(self.arch, use_te=not self.cpu, params_dtype=self.dtype,
-                            sequence_parallel=recipe.parallel.sequence_parallel)
+                            sequence_parallel=recipe.parallel.sequence_parallel,
+                            config_overrides=megatron_layout_kwargs(recipe.parallel))
         src = init_from if init_from is not None else recipe.model.checkpoint
         self.init_source, ckpt_dir = None, None
         if src is not None:

@@ -133,12 +133,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(spec: dict, tmp: Path) -> dict:
+def _torchrun(spec: dict, tmp: Path, nproc: int = 2) -> dict:
     spec_path = tmp / "spec.json"
     spec["result"] = str(tmp / "result.pt")
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(_free_port()), str(REPO / "tests" / "_dist_worker.py"),
            str(spec_path)]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,10 @@ Arguments after ``--`` are passed on to the launched program (``int4_qat.train``
 
 Every subcommand first runs the same checks as ``check`` (int4_qat.planner.check_recipe: schema,
 layout via int4_qat.parallel.validate_layout, group vs TP shard, Marlin servability, memory
-plan), so a job that would fail on its layout or its export is never started or queued.
+plan), so a job that would fail on its layout or its export is never started or queued. ``check``,
+``train`` and ``slurm`` (not under DRY_RUN) then build the model at the recipe's real layout on
+meta tensors and apply the scheme (int4_qat.structure): a refusal by Megatron's or ModelOpt's
+modules (e.g. a quant module that does not support TP x EP) fails here, not at step 0.
 
 The Slurm job: one task per node (``--ntasks-per-node=1``); each task runs torchrun with
 ``--nproc-per-node`` GPUs and a c10d rendezvous on the first node of the allocation
@@ -60,16 +63,30 @@ def _venv_bin(name: str) -> str:
     return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
-def check(paths: list[str]) -> int:
-    """Validate every recipe; one line per problem; 0 when all pass."""
+def check(paths: list[str], build: bool = True) -> int:
+    """Validate every recipe; one line per problem; 0 when all pass. ``build``: recipes that pass
+    the formula checks are then built at their layout on meta tensors with the scheme applied
+    (int4_qat.structure, one subprocess for all), and the ok line says what was built."""
     from int4_qat.planner import check_recipe
+    problems = {p: check_recipe(p) for p in paths}
+    reports = {}
+    if build:
+        from int4_qat.structure import run_checks
+        reports = run_checks([p for p in paths if not problems[p]])
+        for p, rep in reports.items():
+            problems[p] += rep.problems
     bad = 0
     for p in paths:
-        problems = check_recipe(p)
-        for line in problems:
+        for line in problems[p]:
             print(line)
-        if problems:
+        if problems[p]:
             bad += 1
+        elif p in reports:
+            s = reports[p].stages
+            print(f"ok  {p}  (built pipeline stage(s) {','.join(str(x.stage) for x in s)}: "
+                  f"{'/'.join(str(x.layers) for x in s)} layers, {s[0].local_experts} local experts "
+                  f"with fc1 {s[0].expert_fc1} fc2 {s[0].expert_fc2}, "
+                  f"{'/'.join(str(x.quantizers) for x in s)} weight quantizers)")
         else:
             print(f"ok  {p}")
     if bad:
@@ -77,9 +94,9 @@ def check(paths: list[str]) -> int:
     return 1 if bad else 0
 
 
-def _load_checked(path: str, cpu: bool = False) -> Recipe:
+def _load_checked(path: str, cpu: bool = False, build: bool = False) -> Recipe:
     from int4_qat.planner import check_recipe
-    problems = check_recipe(path, cpu=cpu)
+    problems = check_recipe(path, cpu=cpu, structure=build and not _dry_run())
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"refusing to launch {path}: fix the problems above (python tools/launch.py check {path})",
@@ -118,7 +135,7 @@ def train(path: str, extra: list[str]) -> int:
     cpu = _no_cuda()
     # On a machine without CUDA a real run is a CPU run: refuse GPU-only layouts (MoE + TP) up
     # front. DRY_RUN only prints, so it keeps the GPU view (printing commands on a login node).
-    r = _load_checked(path, cpu=cpu and not _dry_run())
+    r = _load_checked(path, cpu=cpu and not _dry_run(), build=True)
     if r.parallel.nodes > 1 and not all(k in os.environ for k in ("MASTER_ADDR", "NODE_RANK")):
         print(f"{path}: parallel.nodes = {r.parallel.nodes}: a multi-node run needs either Slurm "
               f"(make slurm-{r.name}) or this target run on each of the {r.parallel.nodes} nodes "
@@ -185,7 +202,7 @@ def sbatch_script(r: Recipe, recipe_path: str, extra: list[str] | None = None) -
 
 
 def slurm(path: str, extra: list[str]) -> int:
-    r = _load_checked(path)
+    r = _load_checked(path, build=True)
     out = REPO / "runs" / r.name / "slurm.sbatch"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(sbatch_script(r, path, extra))
@@ -230,12 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("check", help="validate recipes").add_argument("recipes", nargs="+")
+    chk = sub.add_parser("check", help="validate recipes")
+    chk.add_argument("recipes", nargs="+")
+    chk.add_argument("--no-build", action="store_true",
+                     help="skip the structural build at the real layout (formula checks only)")
     for name in ("train", "slurm", "export"):
         sub.add_parser(name, help=f"{name} one recipe").add_argument("recipe")
     a = ap.parse_args(argv)
     if a.cmd == "check":
-        return check(a.recipes)
+        return check(a.recipes, build=not a.no_build)
     return {"train": train, "slurm": slurm, "export": export}[a.cmd](a.recipe, extra)
 
 

@@ -227,7 +227,9 @@ def deepseek_v3_layer_spec(arch, config, use_te: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     config = _as_mla_config(config, arch.extras["mla"])
-    if not use_te and config.tensor_model_parallel_size > 1:
+    from int4_qat.compat.cpu import structure_only_active
+
+    if not use_te and config.tensor_model_parallel_size > 1 and not structure_only_active():
         raise ValueError(f"{arch.config_path}: MLA with TP>1 needs the TE spec (use_te=True): the "
                          "local spec shards linear_q_down_proj/linear_kv_down_proj, TE duplicates them")
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")

@@ -77,6 +77,8 @@ __all__ = [
     "init_distributed_gloo",
     "init_model_parallel",
     "destroy_model_parallel",
+    "structure_only",
+    "structure_only_active",
 ]
 
 _ACTIVE = False
@@ -141,6 +143,26 @@ def deactivate() -> None:
     WrappedTorchNorm.__new__ = _ORIGINALS["torch_norm_new"]
     mrandom.initialize_rng_tracker(force_reset=True)
     _ACTIVE = False
+
+
+_STRUCTURE_ONLY = False
+
+
+@contextlib.contextmanager
+def structure_only():
+    """Within: models are built to inspect their structure (``int4_qat.structure``, meta
+    tensors), never run. Builders may then skip refusals that are about CPU *numerics* (MLA's
+    local-spec down projections at TP > 1)."""
+    global _STRUCTURE_ONLY
+    old, _STRUCTURE_ONLY = _STRUCTURE_ONLY, True
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY = old
+
+
+def structure_only_active() -> bool:
+    return _STRUCTURE_ONLY
 
 
 def _cpu_current_device() -> torch.device:
