@@ -27,7 +27,8 @@ def _variant(tmp_path, base: str, name: str, edit) -> str:
 
 
 def test_check_all_recipes_pass(capsys):
-    assert launch.main(["check", *RECIPES]) == 0
+    # formula checks only; the structural build of every recipe: tests/test_structure_check.py
+    assert launch.main(["check", "--no-build", *RECIPES]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == len(RECIPES) and all(line.startswith("ok  ") for line in out)
 
