@@ -21,6 +21,17 @@ the fp32 main params), ``scheduler`` (OptimizerParamScheduler state), ``step``,
 ``consumed_samples`` (the data position) and ``rng`` (one ShardedObject per rank: torch CPU
 generator, Python ``random``, and on GPU the CUDA RNG tracker states).
 
+Cross-spec loads: a checkpoint written by the Transformer-Engine spec (GPU) names a few tensors
+differently from the local spec (CPU export, tests) and vice versa -- the MoE layers' pre-MLP norm
+(TE ``pre_mlp_layernorm.weight``, local ``mlp.linear_fc1.layer_norm_weight`` through Megatron's
+``sharded_state_dict_keys_map``) and MLA's latent norms (TE ``linear_q_up_proj.layer_norm_weight``
+/ ``linear_kv_up_proj.layer_norm_weight``, local ``q_layernorm.weight`` / ``kv_layernorm.weight``).
+Every load asks for the model's own keys; a key the checkpoint lacks is read from the other spec's
+name when exactly one alternative is stored (:func:`spec_aliases`: the architecture's Rule
+tables, ``Rule.mcore`` = local name first, TE name second, plus the local spec's key map). The
+optimizer's keys follow the model's, so a cross-spec resume renames them too. Routed experts are a
+``SequentialMLP`` in both specs, so their keys never differ.
+
 Atomicity: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 writes the small
 files (``train_state.json`` last), renames the directory to ``iter_XXXXXXX`` and only then
 replaces ``latest``. A crash at any point leaves either the previous ``latest`` or the new one,
@@ -52,6 +63,7 @@ __all__ = [
     "load_model_weights",
     "load_model_for_export",
     "CheckpointError",
+    "spec_aliases",
 ]
 
 LATEST = "latest"
@@ -233,6 +245,71 @@ def _restore_quant(inner, iter_dir: Path) -> None:
                               "convert the model before wrapping it")
 
 
+def _local_spec_keys_map() -> dict[str, str]:
+    """Megatron's local-spec ``sharded_state_dict_keys_map`` (param-name prefix -> saved key prefix
+    inside a layer, megatron/core/models/gpt/gpt_layer_specs.py get_gpt_layer_local_spec)."""
+    import warnings
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # "Apex is not installed"
+        return dict(get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map)
+
+
+def spec_aliases(key: str, rules, keys_map: dict[str, str] | None = None) -> list[str]:
+    """The other names one sharded key may have in a checkpoint of the other layer spec: the
+    local spec's key map applied either way, then every alternative of the Rules (``Rule.mcore``)
+    that match any of those names. ``key`` itself is not in the result."""
+    import re
+
+    from int4_qat.arch.base import template_regex
+
+    keys_map = _local_spec_keys_map() if keys_map is None else keys_map
+    names = {key}
+    m = re.match(r"(decoder\.layers\.\d+\.)(.*)$", key)
+    if m:
+        pre, rest = m.groups()
+        for a, b in keys_map.items():
+            if rest.startswith(a):
+                names.add(pre + b + rest[len(a):])
+            if rest.startswith(b):
+                names.add(pre + a + rest[len(b):])
+    for name in list(names):
+        for rule in rules:
+            for t in rule.mcore:
+                mm = template_regex(t).match(name)
+                if mm:
+                    names.update(t2.format(**mm.groupdict()) for t2 in rule.mcore)
+    names.discard(key)
+    return sorted(names)
+
+
+def _match_checkpoint_names(sd: dict, iter_dir: Path) -> dict[str, str]:
+    """Point the sharded tensors of ``sd`` whose key the checkpoint lacks at the other spec's name
+    (see the module docstring); returns ``{model key: checkpoint key}`` of what was renamed."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = set(FileSystemReader(str(iter_dir)).read_metadata().state_dict_metadata)
+    missing = [v for v in sd.values() if isinstance(v, ShardedTensor) and v.key not in stored]
+    if not missing:
+        return {}
+    rules = []
+    if (iter_dir / "config.json").is_file():
+        from int4_qat.arch import load_arch
+
+        rules = load_arch(iter_dir).rules()
+    keys_map = _local_spec_keys_map()
+    renamed = {}
+    for v in missing:
+        hits = [a for a in spec_aliases(v.key, rules, keys_map) if a in stored]
+        if len(hits) == 1:
+            renamed[v.key] = hits[0]
+            v.key = hits[0]
+    return renamed
+
+
 def _load_model_state(inner, iter_dir: Path, weights_only: bool) -> None:
     """Load the model's sharded state; ``weights_only`` skips every ``_extra_state`` object.
 
@@ -248,6 +325,7 @@ def _load_model_state(inner, iter_dir: Path, weights_only: bool) -> None:
     if weights_only:
         sd = {k: v for k, v in sd.items()
               if not (isinstance(v, ShardedObject) and k.endswith("_extra_state"))}
+    _match_checkpoint_names(sd, iter_dir)
     try:
         loaded = dist_checkpointing.load({"model": sd}, str(iter_dir),
                                          strict=StrictHandling.RAISE_UNEXPECTED)
@@ -283,6 +361,7 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=No
     meta = read_train_state(iter_dir)
     inner = _unwrap(model)
     model_sd = inner.sharded_state_dict()
+    _match_checkpoint_names(model_sd, iter_dir)    # before the optimizer derives its keys from it
     request: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
