@@ -81,6 +81,35 @@ def full_logits(trainer, samples: int = 2) -> torch.Tensor:
     return gather_from_tensor_model_parallel_region(out).clone()
 
 
+def sink_shards() -> dict:
+    """How gpt-oss's learnable ``softmax_offset`` (one per head; heads split over TP) is saved at
+    this TP: ``{"modelopt": ..., "ours": ...}`` -> (global shape, global offset) of the tensor.
+    "modelopt" is built as ModelOpt 0.47's ``_QuantTEDotProductAttention.sharded_state_dict`` does
+    (an empty TP-axis map), "ours" as ``int4_qat.modelopt_modules`` merges it with the module's
+    own method (here the local spec's LocalCoreAttention, which has TE's ``{'softmax_offset': 0}``)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    from int4_qat.compat.cpu import LocalCoreAttention
+    from int4_qat.modelopt_modules import sink_aware_sharded_state_dict
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            softmax_type="learnable", use_cpu_initialization=True,
+                            tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size())
+    att = LocalCoreAttention(cfg, 1, AttnMaskType.causal, "self")
+    meta = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    own = att.sharded_state_dict("a.", (), meta)
+    stock = make_sharded_tensors_for_checkpoint(att.state_dict(prefix="", keep_vars=True), "a.", {}, ())
+    out = {}
+    for name, sd in (("modelopt", stock), ("ours", sink_aware_sharded_state_dict(stock, own))):
+        t = sd["a.softmax_offset"]
+        out[name] = (tuple(t.global_shape), tuple(t.global_offset))
+    out["tp_rank"] = ps.get_tensor_model_parallel_rank()
+    return out
+
+
 def run_layout(spec: dict) -> dict:
     """Build, record fake-quant weights, step, record again; see the module docstring."""
     from int4_qat.recipe import Recipe
@@ -98,6 +127,12 @@ def run_layout(spec: dict) -> dict:
            "fq_before": gathered_fake_quant(tr)}
     if spec.get("logits"):
         res["logits"] = full_logits(tr)
+    if spec.get("sink_shards"):
+        import torch.distributed as dist
+
+        mine = sink_shards()
+        res["sink_shards"] = [None] * dist.get_world_size()
+        dist.all_gather_object(res["sink_shards"], mine)
     res["losses"] = [tr.train_step()["loss"] for _ in range(spec["steps"])]
     res["fq_after"] = gathered_fake_quant(tr)
     if spec.get("save"):

@@ -97,6 +97,11 @@ def test_te_named_checkpoint_loads_into_local_model(model_dir, expected, tmp_pat
     C.load_model_weights(fresh, dst)
     for n, p in fresh.named_parameters():
         assert torch.equal(p, want[n]), n
+    # resume path (model + step + RNG; the optimizer's keys derive from the renamed model keys)
+    again = W.tiny_recipe(model_dir, data=["system"]).quant.scheme().apply(build_model(arch, use_te=False))
+    assert C.load_checkpoint(dst, again)["step"] == 0
+    for n, p in again.named_parameters():
+        assert torch.equal(p, want[n]), n
 
 
 def test_spec_aliases_answer_both_directions():

@@ -37,7 +37,7 @@ def references(hf_init, corpus, tmp_path_factory):  # noqa: F811
 def _launch(parallel, formats, hf_init, corpus, tmp_path, *, logits, save):  # noqa: F811
     runs = [{"recipe": W.tiny_recipe("tiny-qwen3-moe", data=[corpus], fmt=fmt, scope=scope,
                                      parallel=parallel).to_dict(),
-             "init_from": hf_init, "steps": 2, "logits": logits, "save": save,
+             "init_from": hf_init, "steps": 2, "logits": logits, "save": save, "sink_shards": logits,
              "out": str(tmp_path / f"par-{fmt}")} for fmt, scope in formats]
     return _torchrun({"runs": runs}, tmp_path, nproc=parallel["gpus_per_node"])
 
@@ -81,6 +81,13 @@ def test_tp2_ep2_matches_single_process_and_reloads(hf_init, corpus, references,
         loaded = W.gathered_fake_quant(t)
         for k, v in got["fq_after"].items():
             assert torch.equal(loaded[k], v), (fmt, k)
+    # gpt-oss sinks at TP 2: ModelOpt's TE attention quant module would save each rank's 2 heads
+    # as the whole (replicated) tensor; ours keeps Megatron's split of 4 heads over TP
+    shards = results[0]["sink_shards"]
+    assert {s["tp_rank"] for s in shards} == {0, 1}
+    for s in shards:
+        assert s["modelopt"] == ((2,), (0,))
+        assert s["ours"] == ((4,), (2 * s["tp_rank"],))
     # the saved expert keys are one entry per global expert (the export reader relies on it)
     from torch.distributed.checkpoint import FileSystemReader
 

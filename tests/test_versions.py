@@ -46,3 +46,22 @@ def test_modelopt_megatron_export_is_not_usable_with_this_megatron_core():
 
     with pytest.raises(NameError, match="HybridModel"):
         uem.GPTModelExporter(model=None, pretrained_model_name_or_path=None)
+
+
+def test_gpu_requirements_stay_inside_megatron_cores_transformer_engine_range():
+    """requirements-gpu.txt may not admit a Transformer-Engine that megatron-core 0.16.1 itself
+    excludes (it declares >=2.9.0a0,<2.12.0): every candidate our range allows, theirs allows."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    ours = [Requirement(ln) for ln in (REQ.parent / "requirements-gpu.txt").read_text().splitlines()
+            if ln.strip() and not ln.lstrip().startswith("#")]
+    (te,) = [r for r in ours if r.name == "transformer-engine"]
+    (theirs,) = [Requirement(r) for r in md.requires("megatron-core") or []
+                 if Requirement(r).name == "transformer-engine"]
+    candidates = [Version(f"{a}.{b}.{c}") for a in (1, 2, 3) for b in range(0, 16) for c in (0, 1)]
+    allowed = [v for v in candidates if te.specifier.contains(v)]
+    assert allowed, te
+    assert all(theirs.specifier.contains(v, prereleases=True) for v in allowed), \
+        (str(te.specifier), str(theirs.specifier), [str(v) for v in allowed
+                                                    if not theirs.specifier.contains(v, prereleases=True)])
