@@ -14,7 +14,7 @@ export DRY_RUN
 ALIASES := qwen3-235b:qwen3-235b-a22b-int4 qwen3-30b:qwen3-30b-a3b-int4 kimi-k2:kimi-k2-int4 gpt-oss-120b:gpt-oss-120b-mxfp4
 resolve = $(or $(patsubst $(1):%,%,$(filter $(1):%,$(ALIASES))),$(1))
 
-.PHONY: help install test test-fast demo check-recipes bench clean
+.PHONY: help install test test-fast demo check-recipes bench gpu-check clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -47,8 +47,11 @@ bench: $(STAMP) ## benchmarks under bench/ (ratios measured side by side)
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_qat_step.py
 
-check-recipes: $(STAMP) ## validate every recipes/*.yaml (schema, layout, group/shard, Marlin serving limits)
+check-recipes: $(STAMP) ## validate every recipes/*.yaml (schema, layout, group/shard, Marlin limits) and build each at its layout on meta tensors
 	$(PY) tools/launch.py check recipes/*.yaml
+
+gpu-check: $(STAMP) ## the prepared device check on one CUDA GPU (never run by CI); GPU_CHECK_ARGS="--dry-run" runs its code paths on CPU
+	$(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 recipe-%: $(STAMP) ## train recipe % with torchrun on this node (e.g. recipe-tiny-moe, recipe-qwen3-235b)
 	$(PY) tools/launch.py train recipes/$(call resolve,$*).yaml

@@ -84,8 +84,12 @@ class Trainer:
 
     def __init__(self, recipe, *, cpu: bool | None = None, quant: bool = True,
                  init_from: str | Path | None = None, out: str | Path | None = None,
-                 resume: bool = True, log: Callable[[str], None] | None = None):
+                 resume: bool = True, log: Callable[[str], None] | None = None,
+                 use_te: bool | None = None):
         self.recipe, self.cpu, self.quant = recipe, _is_cpu(cpu), quant
+        # the layer spec: Transformer-Engine on GPU by default; use_te=False runs Megatron's local
+        # spec on CUDA too (tools/gpu_check.py on a machine without TE)
+        self.use_te = (not self.cpu) if use_te is None else use_te
         self.log_fn = log or print
         t = recipe.train
         self.out = Path(out) if out is not None else Path(t.checkpoint_dir).parent
@@ -116,9 +120,11 @@ class Trainer:
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
         # 3. model + weights
-        model = build_model(self.arch, use_te=not self.cpu, params_dtype=self.dtype,
+        model = build_model(self.arch, use_te=self.use_te, params_dtype=self.dtype,
                             sequence_parallel=recipe.parallel.sequence_parallel,
                             config_overrides=megatron_layout_kwargs(recipe.parallel))
+        if not self.cpu:
+            model = model.cuda()      # the local spec initialises on the CPU (same weights at any TP)
         src = init_from if init_from is not None else recipe.model.checkpoint
         self.init_source, ckpt_dir = None, None
         if src is not None:

@@ -101,3 +101,26 @@ def test_init_model_parallel_validates_sizes():
     cpu.init_model_parallel(1, 1, 1, force=True)   # same sizes: a no-op re-init
     from megatron.core import parallel_state as ps
     assert ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() == 1
+
+
+def test_torch_norm_runs_sequence_parallel_and_flags_its_grads():
+    """Shim 5: the local spec's norm accepts sequence parallel and marks its parameters for the
+    TP gradient sum (finalize_model_grads), as TE's norms do; deactivate() restores the refusal."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm")
+    cfg.sequence_parallel = True          # as a TP > 1 config has it
+    norm = WrappedTorchNorm(cfg, 8, eps=1e-6)
+    assert isinstance(norm, torch.nn.RMSNorm) and norm.eps == 1e-6
+    assert norm.weight.sequence_parallel is True and cfg.sequence_parallel is True
+    cfg.sequence_parallel = False
+    assert WrappedTorchNorm(cfg, 8).weight.sequence_parallel is False
+    cfg.sequence_parallel = True
+    cpu.deactivate()
+    try:
+        with pytest.raises(AssertionError, match="sequence parallel not supported"):
+            WrappedTorchNorm(cfg, 8)
+    finally:
+        cpu.activate(force=True)
+    assert WrappedTorchNorm(cfg, 8).weight.sequence_parallel is True
