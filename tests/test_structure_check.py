@@ -30,6 +30,7 @@ def _tiny_variant(tmp_path, name, parallel, model_edit=None):
 TP2_EP2 = {"tp": 2, "ep": 2, "dp": 2, "sequence_parallel": True, "gpus_per_node": 4}
 
 
+@pytest.mark.slow
 def test_tp_ep_layout_builds_with_our_expert_module_and_fails_with_modelopts(tmp_path):
     path = _tiny_variant(tmp_path, "tpep", TP2_EP2)
     rep = run_checks([path])[path]
