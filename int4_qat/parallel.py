@@ -42,9 +42,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistEnv",
-    "LayoutDims",
     "dist_env",
-    "layout_dims",
     "validate_layout",
     "init_parallel",
     "destroy_parallel",
@@ -96,62 +94,19 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
 
 
 # --------------------------------------------------------------------------- layout checks
-@dataclass(frozen=True)
-class LayoutDims:
-    """The model sizes the layout rules need (read from an HF config.json)."""
-    model_type: str
-    num_layers: int
-    num_heads: int
-    num_query_groups: int
-    hidden_size: int
-    attn_out_features: int          # K of linear_proj = heads × (v_)head_dim
-    dense_ffn: int | None           # K of a dense MLP's linear_fc2 (None: no dense MLP layer)
-    num_experts: int | None         # routed experts (None: dense model)
-    moe_ffn: int | None             # K of a routed expert's linear_fc2
-    shared_ffn: int | None          # K of the shared experts' linear_fc2
+def _shape(arch: Any):
+    """The :class:`int4_qat.arch.shape.ArchShape` of an arch (``load_arch`` result, which carries
+    ``.shape``), an ``ArchShape`` itself, or a parsed config.json dict."""
+    from int4_qat.arch.shape import ArchShape, arch_shape
 
-
-def _hf_config(arch: Any) -> dict:
+    if isinstance(arch, ArchShape):
+        return arch
+    if isinstance(getattr(arch, "shape", None), ArchShape):
+        return arch.shape
     if isinstance(arch, Mapping):
-        return dict(arch)
-    for attr in ("hf_config", "hf", "config_dict"):
-        cfg = getattr(arch, attr, None)
-        if isinstance(cfg, Mapping):
-            return dict(cfg)
-        if cfg is not None and hasattr(cfg, "to_dict"):
-            return cfg.to_dict()
-    raise ValueError(f"validate_layout: cannot read the HF config from {type(arch).__name__}; "
+        return arch_shape(arch)
+    raise ValueError(f"validate_layout: cannot read the model shape from {type(arch).__name__}; "
                      "pass the arch from int4_qat.arch.load_arch or the parsed config.json dict")
-
-
-def layout_dims(arch: Any) -> LayoutDims:
-    """:class:`LayoutDims` from an arch (``int4_qat.arch.load_arch``) or an HF config dict."""
-    c = _hf_config(arch)
-    mt = c.get("model_type", "?")
-    try:
-        heads, layers, hidden = c["num_attention_heads"], c["num_hidden_layers"], c["hidden_size"]
-    except KeyError as e:
-        raise ValueError(f"config.json ({mt}): missing key {e.args[0]!r}") from None
-    groups = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or hidden // heads
-    if mt == "deepseek_v3":
-        experts = c.get("n_routed_experts")
-        moe_ffn = c.get("moe_intermediate_size")
-        shared = (c.get("n_shared_experts") or 0) * (moe_ffn or 0) or None
-        dense = c.get("intermediate_size") if c.get("first_k_dense_replace", 0) > 0 else None
-        attn_out = heads * c.get("v_head_dim", head_dim)
-        groups = heads  # MLA: no grouped query heads to split
-    elif mt == "gpt_oss":
-        experts, moe_ffn, shared, dense = c.get("num_local_experts"), c.get("intermediate_size"), None, None
-        attn_out = heads * head_dim
-    else:  # qwen3_moe, qwen3, qwen2_moe, llama-like
-        experts = c.get("num_experts") or c.get("num_local_experts") or None
-        moe_ffn = c.get("moe_intermediate_size") if experts else None
-        shared = c.get("shared_expert_intermediate_size") or None
-        sparse_all = experts and not c.get("mlp_only_layers") and c.get("decoder_sparse_step", 1) == 1
-        dense = None if sparse_all else c.get("intermediate_size")
-        attn_out = heads * head_dim
-    return LayoutDims(mt, layers, heads, groups, hidden, attn_out, dense, experts or None, moe_ffn, shared)
 
 
 def _get(section: Any, key: str, default: Any = None) -> Any:
@@ -161,9 +116,9 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
 
 
 #: Row-parallel Linears (K split over ranks) probed with ``scheme.quantizes_megatron``:
-#: (Megatron module name, which K in LayoutDims, which parallel factor splits K).
+#: (Megatron module name, which K of ArchShape, which parallel factor splits K).
 ROW_PARALLEL_PROBES = (
-    ("decoder.layers.0.self_attention.linear_proj", "attn_out_features", "tp"),
+    ("decoder.layers.0.self_attention.linear_proj", "q_dim", "tp"),
     ("decoder.layers.0.mlp.linear_fc2", "dense_ffn", "tp"),
     ("decoder.layers.0.mlp.shared_experts.linear_fc2", "shared_ffn", "tp"),
     ("decoder.layers.0.mlp.experts.local_experts.0.linear_fc2", "moe_ffn", "etp"),
@@ -217,14 +172,14 @@ def validate_layout(parallel_section: Any, world_size: int, arch: Any = None, sc
     if sp and tp == 1:
         errors.append("parallel.sequence_parallel=true needs tp > 1 (Megatron model_parallel_config.py); "
                       "set it to false")
-    dims = layout_dims(arch) if arch is not None else None
+    dims = _shape(arch) if arch is not None else None
     if dims is not None:
-        errors.extend(_pipeline_errors(dims.num_layers, pp, _get(parallel_section, "first_stage_layers"),
+        errors.extend(_pipeline_errors(dims.layers, pp, _get(parallel_section, "first_stage_layers"),
                                        _get(parallel_section, "last_stage_layers")))
-        if dims.num_heads % tp:
-            errors.append(f"num_attention_heads={dims.num_heads} is not divisible by tp={tp}")
-        if dims.num_query_groups % tp:
-            errors.append(f"num_key_value_heads (query groups)={dims.num_query_groups} is not divisible "
+        if dims.heads % tp:
+            errors.append(f"num_attention_heads={dims.heads} is not divisible by tp={tp}")
+        if dims.query_groups % tp:
+            errors.append(f"num_key_value_heads (query groups)={dims.query_groups} is not divisible "
                           f"by tp={tp}")
         if dims.num_experts:
             if dims.num_experts % ep:
@@ -283,15 +238,15 @@ def _pipeline_errors(layers: int, pp: int, first: int | None, last: int | None) 
     return []
 
 
-def _group_errors(dims: LayoutDims, scheme: Any, factors: dict[str, int]) -> list[str]:
+def _group_errors(dims: Any, scheme: Any, factors: dict[str, int]) -> list[str]:
     g = _group_size(scheme)
     out = []
     # Column-parallel Linears (linear_qkv, linear_fc1) keep K = hidden_size whole on every rank.
     col = ["decoder.layers.0.self_attention.linear_qkv", "decoder.layers.0.mlp.linear_fc1",
            "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1"]
-    if dims.hidden_size % g and any(_quantizes(scheme, n) for n in col):
-        out.append(f"hidden_size={dims.hidden_size} (K of linear_fc1/linear_qkv) is not a multiple of "
-                   f"group_size={g}; use a group size dividing {dims.hidden_size}")
+    if dims.hidden % g and any(_quantizes(scheme, n) for n in col):
+        out.append(f"hidden_size={dims.hidden} (K of linear_fc1/linear_qkv) is not a multiple of "
+                   f"group_size={g}; use a group size dividing {dims.hidden}")
     for name, dim_attr, factor in ROW_PARALLEL_PROBES:
         k = getattr(dims, dim_attr)
         if not k or not _quantizes(scheme, name):

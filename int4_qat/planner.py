@@ -46,8 +46,10 @@ EP 4 with whole experts, pass).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from int4_qat.arch.shape import ArchShape, arch_shape  # the one reading of config.json sizes
 
 __all__ = [
     "GB", "GPU_MEMORY_GB", "ArchShape", "ParamCounts", "arch_shape", "count_params",
@@ -59,83 +61,6 @@ GB = 1e9
 GPU_MEMORY_GB = {"80GB": 80.0, "141GB": 141.0}
 OVERHEAD_GB = 5.0
 SERVING_HEADROOM = 0.85
-
-
-@dataclass(frozen=True)
-class ArchShape:
-    """The few config.json numbers the planner and the launch checks need, normalised across
-    qwen3_moe / qwen3 / deepseek_v3 / gpt_oss."""
-    model_type: str
-    hidden: int
-    layers: int
-    vocab: int
-    tied_embeddings: bool
-    heads: int
-    kv_heads: int
-    head_dim: int
-    attention_bias: bool
-    qk_norm: bool
-    mla: dict[str, int] | None          # q_lora_rank, kv_lora_rank, qk_nope, qk_rope, v_head_dim
-    dense_intermediate: int
-    num_experts: int
-    top_k: int
-    moe_intermediate: int
-    shared_experts: int
-    shared_intermediate: int
-    expert_bias: bool
-    router_bias: bool
-    moe_layers: tuple[bool, ...] = field(repr=False)
-
-    @property
-    def q_dim(self) -> int:
-        """Width of the attention output (input of o_proj)."""
-        return self.heads * (self.mla["v_head_dim"] if self.mla else self.head_dim)
-
-
-def _need(cfg: dict, key: str, source: str):
-    if key not in cfg:
-        raise ValueError(f"{source}: config.json lacks {key!r} (needed by the planner)")
-    return cfg[key]
-
-
-def arch_shape(cfg: dict[str, Any], source: str = "config.json") -> ArchShape:
-    """Normalise an HF config.json dict; ``ValueError`` naming ``source`` and the key if lacking."""
-    mt = _need(cfg, "model_type", source)
-    g = lambda k: _need(cfg, k, source)  # noqa: E731
-    h, L = g("hidden_size"), g("num_hidden_layers")
-    heads = g("num_attention_heads")
-    common = dict(model_type=mt, hidden=h, layers=L, vocab=g("vocab_size"),
-                  tied_embeddings=bool(cfg.get("tie_word_embeddings", False)), heads=heads,
-                  kv_heads=cfg.get("num_key_value_heads", heads),
-                  head_dim=cfg.get("head_dim") or h // heads,
-                  attention_bias=bool(cfg.get("attention_bias", False)))
-    if mt in ("qwen3_moe", "qwen3"):
-        # transformers >= 5 writes Qwen3-MoE's expert count as num_local_experts on save
-        E = (cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if mt == "qwen3_moe" else 0
-        step, only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers", []))
-        moe = tuple(E > 0 and i not in only and (i + 1) % step == 0 for i in range(L))
-        return ArchShape(**common, qk_norm=True, mla=None, dense_intermediate=g("intermediate_size"),
-                         num_experts=E, top_k=cfg.get("num_experts_per_tok", 0),
-                         moe_intermediate=cfg.get("moe_intermediate_size", 0), shared_experts=0,
-                         shared_intermediate=0, expert_bias=False, router_bias=False, moe_layers=moe)
-    if mt in ("deepseek_v3", "kimi_k2"):
-        E, k_dense, freq = g("n_routed_experts"), cfg.get("first_k_dense_replace", 0), cfg.get("moe_layer_freq", 1)
-        moe = tuple(i >= k_dense and i % freq == 0 for i in range(L))
-        mla = dict(q_lora_rank=cfg.get("q_lora_rank") or 0, kv_lora_rank=g("kv_lora_rank"),
-                   qk_nope=g("qk_nope_head_dim"), qk_rope=g("qk_rope_head_dim"), v_head_dim=g("v_head_dim"))
-        n_sh = cfg.get("n_shared_experts") or 0
-        return ArchShape(**common, qk_norm=False, mla=mla, dense_intermediate=g("intermediate_size"),
-                         num_experts=E, top_k=g("num_experts_per_tok"), moe_intermediate=g("moe_intermediate_size"),
-                         shared_experts=n_sh, shared_intermediate=g("moe_intermediate_size"),
-                         expert_bias=False, router_bias=cfg.get("topk_method") == "noaux_tc", moe_layers=moe)
-    if mt == "gpt_oss":
-        E = g("num_local_experts")
-        return ArchShape(**common, qk_norm=False, mla=None, dense_intermediate=0, num_experts=E,
-                         top_k=cfg.get("num_experts_per_tok") or g("experts_per_token"),
-                         moe_intermediate=g("intermediate_size"), shared_experts=0, shared_intermediate=0,
-                         expert_bias=True, router_bias=True, moe_layers=(True,) * L)
-    raise ValueError(f"{source}: model_type {mt!r} is not supported by the planner "
-                     f"(qwen3_moe, qwen3, deepseek_v3, kimi_k2, gpt_oss)")
 
 
 @dataclass(frozen=True)

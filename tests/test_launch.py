@@ -239,6 +239,7 @@ def test_dry_run_multinode_train_with_torchrun_env(monkeypatch, capsys):
     monkeypatch.setenv("DRY_RUN", "1")
     monkeypatch.setenv("MASTER_ADDR", "head-0")
     monkeypatch.setenv("NODE_RANK", "3")
+    monkeypatch.delenv("MASTER_PORT", raising=False)   # the default rendezvous port is what is shown
     rc = launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-235b-a22b-int4.yaml")])
     out = capsys.readouterr().out
     assert rc == 0

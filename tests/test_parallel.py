@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from int4_qat.parallel import DistEnv, dist_env, layout_dims, validate_layout
+from int4_qat.arch.shape import arch_shape
+from int4_qat.parallel import DistEnv, dist_env, validate_layout
 from int4_qat.scheme import QuantScheme
 
 MODELS = Path(__file__).resolve().parent.parent / "recipes" / "models"
@@ -110,8 +111,8 @@ def test_group_vs_tensor_parallel_row_shards_all_linear():
 
 
 def test_deepseek_dims_and_train_batch_rules():
-    d = layout_dims(cfg("kimi-k2"))
-    assert (d.num_experts, d.moe_ffn, d.shared_ffn, d.dense_ffn, d.attn_out_features) == \
+    d = arch_shape(cfg("kimi-k2"))
+    assert (d.num_experts, d.moe_ffn, d.shared_ffn, d.dense_ffn, d.q_dim) == \
         (384, 2048, 2048, 18432, 64 * 128)
     with pytest.raises(ValueError, match=r"train.global_batch=6 is not a multiple of micro_batch × dp = 2 × 2 = 4"):
         validate_layout(P(dp=2), 2, train=dict(global_batch=6, micro_batch=2, seq_length=8))

@@ -36,9 +36,12 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from int4_qat.arch.shape import ArchShape
 
 __all__ = [
     "HFConfig",
@@ -154,12 +157,19 @@ class Rule:
     # fused ``mlp.experts.gate_up_proj`` [E, H, 2I]); import takes slice [expert] before to_mcore,
     # export stacks the experts' to_hf outputs back. Only for expert rules.
     stacked: bool = False
+    # Shape of the full (TP=1) Megatron tensor of one layer / one expert, from the model's sizes
+    # (``int4_qat.arch.shape.ArchShape``): what a checkpoint must hold (see ``arch/expected.py``).
+    shape: Optional[Callable[["ArchShape"], tuple[int, ...]]] = None
+    # Which decoder layers have this tensor: "all", "dense" (dense-MLP layers only) or "moe".
+    layers: str = "all"
 
     def __post_init__(self):
         if self.split not in (None, "column", "row", "glu"):
             raise ValueError(f"Rule {self.mcore[0]}: split must be None/column/row/glu, got {self.split!r}")
         if len(self.hf) != 1 and (self.to_mcore is None or self.to_hf is None):
             raise ValueError(f"Rule {self.mcore[0]}: several HF tensors need to_mcore and to_hf")
+        if self.layers not in ("all", "dense", "moe"):
+            raise ValueError(f"Rule {self.mcore[0]}: layers must be all/dense/moe, got {self.layers!r}")
         if self.stacked and (not self.is_expert or any("{expert}" in h for h in self.hf)):
             raise ValueError(f"Rule {self.mcore[0]}: stacked=True needs {{expert}} in the Megatron "
                              "template and none in the HF names")
@@ -227,6 +237,7 @@ class Arch:
     tie_embeddings: bool
     moe_layers: Optional[list[int]]
     extras: dict
+    shape: "ArchShape" = None       # int4_qat.arch.shape.arch_shape(hf_config): the torch-free sizes
 
     @property
     def num_layers(self) -> int:
@@ -297,9 +308,10 @@ def output_layer_rule(arch: Arch, lm_head: str = "lm_head.weight",
     Untied: from/to ``lm_head``. Tied: only a last pipeline stage without the embedding owns a
     separate ``output_layer.weight`` (a copy of the embedding that Megatron keeps in sync); it is
     read from the embedding and not exported (HF ties ``lm_head`` to it)."""
+    vh = lambda s: (s.vocab, s.hidden)  # noqa: E731
     if arch.tie_embeddings:
-        return Rule(("output_layer.weight",), (embedding,), "column", export=False)
-    return Rule(("output_layer.weight",), (lm_head,), "column")
+        return Rule(("output_layer.weight",), (embedding,), "column", export=False, shape=vh)
+    return Rule(("output_layer.weight",), (lm_head,), "column", shape=vh)
 
 
 # ------------------------------------------------------------------ TP slicing helpers
@@ -371,10 +383,13 @@ def load_arch(hf_dir) -> Arch:
     cfg = HFConfig(data, path)
     parts = definition.parse(cfg)
     cfg.finish()
+    from int4_qat.arch.shape import arch_shape
+
     return Arch(model_type=model_type, hf_config=data, config_path=path, definition=definition,
                 tf_kwargs=parts.tf_kwargs, vocab_size=parts.vocab_size,
                 max_position_embeddings=parts.max_position_embeddings, gpt_kwargs=parts.gpt_kwargs,
-                tie_embeddings=parts.tie_embeddings, moe_layers=parts.moe_layers, extras=parts.extras)
+                tie_embeddings=parts.tie_embeddings, moe_layers=parts.moe_layers, extras=parts.extras,
+                shape=arch_shape(data, str(path)))
 
 
 def build_model(arch: Arch, *, use_te: bool, pre_process: Optional[bool] = None,

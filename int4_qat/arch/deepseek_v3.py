@@ -249,40 +249,57 @@ _A = _L + "self_attention."
 _HA = _H + "self_attn."
 
 
-def _mlp_rules(mcore: str, hf: str) -> list[Rule]:
+def _mlp_rules(mcore: str, hf: str, width, layers: str) -> list[Rule]:
+    """SwiGLU fc1 ([gate; up]) / fc2 of an MLP whose intermediate width is ``width(shape)``."""
     return [Rule((mcore + "linear_fc1.weight",), (hf + "gate_proj.weight", hf + "up_proj.weight"),
-                 "glu", glu_to_mcore, glu_to_hf),
-            Rule((mcore + "linear_fc2.weight",), (hf + "down_proj.weight",), "row")]
+                 "glu", glu_to_mcore, glu_to_hf, shape=lambda s: (2 * width(s), s.hidden), layers=layers),
+            Rule((mcore + "linear_fc2.weight",), (hf + "down_proj.weight",), "row",
+                 shape=lambda s: (s.hidden, width(s)), layers=layers)]
+
+
+def _qk(s) -> int:
+    return s.mla["qk_nope"] + s.mla["qk_rope"]
 
 
 def deepseek_v3_rules(arch) -> list[Rule]:
     mla = arch.extras["mla"]
     rules = [
-        Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "column"),
-        Rule((_L + "input_layernorm.weight",), (_H + "input_layernorm.weight",)),
+        Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "column",
+             shape=lambda s: (s.vocab, s.hidden)),
+        Rule((_L + "input_layernorm.weight",), (_H + "input_layernorm.weight",), shape=lambda s: (s.hidden,)),
         # TE duplicates the down projections on every TP rank (TELinear parallel_mode="duplicated").
-        Rule((_A + "linear_kv_down_proj.weight",), (_HA + "kv_a_proj_with_mqa.weight",)),
+        Rule((_A + "linear_kv_down_proj.weight",), (_HA + "kv_a_proj_with_mqa.weight",),
+             shape=lambda s: (s.mla["kv_lora_rank"] + s.mla["qk_rope"], s.hidden)),
         Rule((_A + "kv_layernorm.weight", _A + "linear_kv_up_proj.layer_norm_weight"),
-             (_HA + "kv_a_layernorm.weight",)),
-        Rule((_A + "linear_kv_up_proj.weight",), (_HA + "kv_b_proj.weight",), "column"),
-        Rule((_A + "linear_proj.weight",), (_HA + "o_proj.weight",), "row"),
+             (_HA + "kv_a_layernorm.weight",), shape=lambda s: (s.mla["kv_lora_rank"],)),
+        Rule((_A + "linear_kv_up_proj.weight",), (_HA + "kv_b_proj.weight",), "column",
+             shape=lambda s: (s.heads * (s.mla["qk_nope"] + s.mla["v_head_dim"]), s.mla["kv_lora_rank"])),
+        Rule((_A + "linear_proj.weight",), (_HA + "o_proj.weight",), "row",
+             shape=lambda s: (s.hidden, s.q_dim)),
         Rule((_L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight"),
-             (_H + "post_attention_layernorm.weight",)),
-        *_mlp_rules(_L + "mlp.", _H + "mlp."),                          # first_k_dense_replace layers
-        Rule((_L + "mlp.router.weight",), (_H + "mlp.gate.weight",)),
-        Rule((_L + "mlp.router.expert_bias",), (_H + "mlp.gate.e_score_correction_bias",)),
-        *_mlp_rules(_L + "mlp.shared_experts.", _H + "mlp.shared_experts."),
-        *_mlp_rules(_L + "mlp.experts.local_experts.{expert}.", _H + "mlp.experts.{expert}."),
-        Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
+             (_H + "post_attention_layernorm.weight",), shape=lambda s: (s.hidden,)),
+        *_mlp_rules(_L + "mlp.", _H + "mlp.", lambda s: s.dense_intermediate, "dense"),  # first_k_dense_replace
+        Rule((_L + "mlp.router.weight",), (_H + "mlp.gate.weight",),
+             shape=lambda s: (s.num_experts, s.hidden), layers="moe"),
+        Rule((_L + "mlp.router.expert_bias",), (_H + "mlp.gate.e_score_correction_bias",),
+             shape=lambda s: (s.num_experts,), layers="moe"),
+        *_mlp_rules(_L + "mlp.shared_experts.", _H + "mlp.shared_experts.",
+                    lambda s: s.shared_experts * s.shared_intermediate, "moe"),
+        *_mlp_rules(_L + "mlp.experts.local_experts.{expert}.", _H + "mlp.experts.{expert}.",
+                    lambda s: s.moe_intermediate, "moe"),
+        Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",), shape=lambda s: (s.hidden,)),
     ]
     if mla["q_lora_rank"] is None:
-        rules.append(Rule((_A + "linear_q_proj.weight",), (_HA + "q_proj.weight",), "column"))
+        rules.append(Rule((_A + "linear_q_proj.weight",), (_HA + "q_proj.weight",), "column",
+                          shape=lambda s: (s.heads * _qk(s), s.hidden)))
     else:
         rules += [
-            Rule((_A + "linear_q_down_proj.weight",), (_HA + "q_a_proj.weight",)),
+            Rule((_A + "linear_q_down_proj.weight",), (_HA + "q_a_proj.weight",),
+                 shape=lambda s: (s.mla["q_lora_rank"], s.hidden)),
             Rule((_A + "q_layernorm.weight", _A + "linear_q_up_proj.layer_norm_weight"),
-                 (_HA + "q_a_layernorm.weight",)),
-            Rule((_A + "linear_q_up_proj.weight",), (_HA + "q_b_proj.weight",), "column"),
+                 (_HA + "q_a_layernorm.weight",), shape=lambda s: (s.mla["q_lora_rank"],)),
+            Rule((_A + "linear_q_up_proj.weight",), (_HA + "q_b_proj.weight",), "column",
+                 shape=lambda s: (s.heads * _qk(s), s.mla["q_lora_rank"])),
         ]
     rules.append(output_layer_rule(arch))
     return rules

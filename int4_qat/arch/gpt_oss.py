@@ -179,31 +179,36 @@ _QKV = tuple(_H + f"self_attn.{p}_proj" for p in "qkv")
 
 
 def gpt_oss_rules(arch) -> list[Rule]:
+    hid = lambda s: (s.hidden,)  # noqa: E731
     rules = [
-        Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "column"),
+        Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "column",
+             shape=lambda s: (s.vocab, s.hidden)),
         # Local spec name first, TE second (TE fuses the input norm into linear_qkv; MoE layers keep
         # a separate pre_mlp_layernorm in both specs: gpt_layer_specs.py).
         Rule((_L + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight"),
-             (_H + "input_layernorm.weight",)),
+             (_H + "input_layernorm.weight",), shape=hid),
         Rule((_L + "self_attention.linear_qkv.weight",), tuple(q + ".weight" for q in _QKV),
-             "column", qkv_to_mcore, qkv_to_hf),
+             "column", qkv_to_mcore, qkv_to_hf, shape=lambda s: (s.qkv_out, s.hidden)),
         Rule((_L + "self_attention.linear_qkv.bias",), tuple(q + ".bias" for q in _QKV),
-             "column", qkv_to_mcore, qkv_to_hf),
-        Rule((_L + "self_attention.linear_proj.weight",), (_H + "self_attn.o_proj.weight",), "row"),
-        Rule((_L + "self_attention.linear_proj.bias",), (_H + "self_attn.o_proj.bias",)),
+             "column", qkv_to_mcore, qkv_to_hf, shape=lambda s: (s.qkv_out,)),
+        Rule((_L + "self_attention.linear_proj.weight",), (_H + "self_attn.o_proj.weight",), "row",
+             shape=lambda s: (s.hidden, s.q_dim)),
+        Rule((_L + "self_attention.linear_proj.bias",), (_H + "self_attn.o_proj.bias",), shape=hid),
         Rule((_L + "self_attention.core_attention.softmax_offset",), (_H + "self_attn.sinks",),
-             "column"),                                   # one logit per head: split like heads
-        Rule((_L + "pre_mlp_layernorm.weight",), (_H + "post_attention_layernorm.weight",)),
-        Rule((_L + "mlp.router.weight",), (_H + "mlp.router.weight",)),
-        Rule((_L + "mlp.router.bias",), (_H + "mlp.router.bias",)),
+             "column", shape=lambda s: (s.heads,)),       # one logit per head: split like heads
+        Rule((_L + "pre_mlp_layernorm.weight",), (_H + "post_attention_layernorm.weight",), shape=hid),
+        Rule((_L + "mlp.router.weight",), (_H + "mlp.router.weight",),
+             shape=lambda s: (s.num_experts, s.hidden)),
+        Rule((_L + "mlp.router.bias",), (_H + "mlp.router.bias",), shape=lambda s: (s.num_experts,)),
         Rule((_E + "linear_fc1.weight",), (_HE + "gate_up_proj",), "glu",
-             gate_up_to_mcore, gate_up_to_hf, stacked=True),
+             gate_up_to_mcore, gate_up_to_hf, stacked=True,
+             shape=lambda s: (2 * s.moe_intermediate, s.hidden)),
         Rule((_E + "linear_fc1.bias",), (_HE + "gate_up_proj_bias",), "glu",
-             gate_up_to_mcore, gate_up_to_hf, stacked=True),
+             gate_up_to_mcore, gate_up_to_hf, stacked=True, shape=lambda s: (2 * s.moe_intermediate,)),
         Rule((_E + "linear_fc2.weight",), (_HE + "down_proj",), "row",
-             _transpose, _transpose_back, stacked=True),
-        Rule((_E + "linear_fc2.bias",), (_HE + "down_proj_bias",), stacked=True),
-        Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
+             _transpose, _transpose_back, stacked=True, shape=lambda s: (s.hidden, s.moe_intermediate)),
+        Rule((_E + "linear_fc2.bias",), (_HE + "down_proj_bias",), stacked=True, shape=hid),
+        Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",), shape=hid),
     ]
     rules.append(output_layer_rule(arch))
     return rules

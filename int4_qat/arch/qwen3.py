@@ -118,31 +118,41 @@ _H = "model.layers.{layer}."
 
 def qwen3_rules(arch) -> list[Rule]:
     rules = [
-        Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "column"),
+        Rule(("embedding.word_embeddings.weight",), ("model.embed_tokens.weight",), "column",
+             shape=lambda s: (s.vocab, s.hidden)),
         Rule((_L + "input_layernorm.weight", _L + "self_attention.linear_qkv.layer_norm_weight"),
-             (_H + "input_layernorm.weight",)),
+             (_H + "input_layernorm.weight",), shape=lambda s: (s.hidden,)),
         Rule((_L + "self_attention.linear_qkv.weight",),
              (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight",
-              _H + "self_attn.v_proj.weight"), "column", qkv_to_mcore, qkv_to_hf),
-        Rule((_L + "self_attention.q_layernorm.weight",), (_H + "self_attn.q_norm.weight",)),
-        Rule((_L + "self_attention.k_layernorm.weight",), (_H + "self_attn.k_norm.weight",)),
-        Rule((_L + "self_attention.linear_proj.weight",), (_H + "self_attn.o_proj.weight",), "row"),
+              _H + "self_attn.v_proj.weight"), "column", qkv_to_mcore, qkv_to_hf,
+             shape=lambda s: (s.qkv_out, s.hidden)),
+        Rule((_L + "self_attention.q_layernorm.weight",), (_H + "self_attn.q_norm.weight",),
+             shape=lambda s: (s.head_dim,)),
+        Rule((_L + "self_attention.k_layernorm.weight",), (_H + "self_attn.k_norm.weight",),
+             shape=lambda s: (s.head_dim,)),
+        Rule((_L + "self_attention.linear_proj.weight",), (_H + "self_attn.o_proj.weight",), "row",
+             shape=lambda s: (s.hidden, s.q_dim)),
         Rule((_L + "pre_mlp_layernorm.weight", _L + "mlp.linear_fc1.layer_norm_weight"),
-             (_H + "post_attention_layernorm.weight",)),
+             (_H + "post_attention_layernorm.weight",), shape=lambda s: (s.hidden,)),
         # dense MLP (all layers of qwen3; mlp_only_layers of qwen3_moe)
         Rule((_L + "mlp.linear_fc1.weight",), (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
-             "glu", glu_to_mcore, glu_to_hf),
-        Rule((_L + "mlp.linear_fc2.weight",), (_H + "mlp.down_proj.weight",), "row"),
-        Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",)),
+             "glu", glu_to_mcore, glu_to_hf, shape=lambda s: (2 * s.dense_intermediate, s.hidden),
+             layers="dense"),
+        Rule((_L + "mlp.linear_fc2.weight",), (_H + "mlp.down_proj.weight",), "row",
+             shape=lambda s: (s.hidden, s.dense_intermediate), layers="dense"),
+        Rule(("decoder.final_layernorm.weight",), ("model.norm.weight",), shape=lambda s: (s.hidden,)),
     ]
     if arch.is_moe:
         _E = _L + "mlp.experts.local_experts.{expert}."
         _HE = _H + "mlp.experts.{expert}."
         rules += [
-            Rule((_L + "mlp.router.weight",), (_H + "mlp.gate.weight",)),
+            Rule((_L + "mlp.router.weight",), (_H + "mlp.gate.weight",),
+                 shape=lambda s: (s.num_experts, s.hidden), layers="moe"),
             Rule((_E + "linear_fc1.weight",), (_HE + "gate_proj.weight", _HE + "up_proj.weight"),
-                 "glu", glu_to_mcore, glu_to_hf),
-            Rule((_E + "linear_fc2.weight",), (_HE + "down_proj.weight",), "row"),
+                 "glu", glu_to_mcore, glu_to_hf, shape=lambda s: (2 * s.moe_intermediate, s.hidden),
+                 layers="moe"),
+            Rule((_E + "linear_fc2.weight",), (_HE + "down_proj.weight",), "row",
+                 shape=lambda s: (s.hidden, s.moe_intermediate), layers="moe"),
         ]
     return rules + [output_layer_rule(arch)]
 
