@@ -148,8 +148,8 @@ def validate_layout(parallel_section: Any, world_size: int, arch: Any = None, sc
     sequence_parallel). ``arch``: ``int4_qat.arch.load_arch(...)`` result or the config.json dict
     (model-size rules are skipped without it). ``scheme``: the ``QuantScheme`` (group/shard rules
     skipped without it). ``train``: the recipe's ``train`` section (batch rules). ``cpu``: also
-    reject layouts that only run on GPUs here (none at present: MoE + TP runs on CPU with the
-    ``int4_qat.compat.cpu`` sequence-parallel norm; kept for the callers' signature).
+    reject layouts that only run on GPUs here: MLA at TP > 1 (MoE + TP runs on CPU with the
+    ``int4_qat.compat.cpu`` sequence-parallel norm).
     ``parallel.sequence_parallel`` is the flag ``int4_qat.arch.build_model`` builds with (the
     trainer passes it), so the sequence-parallel rules here check what will run.
     """
@@ -187,12 +187,12 @@ def validate_layout(parallel_section: Any, world_size: int, arch: Any = None, sc
             if tp > 1 and not sp:
                 errors.append(f"MoE with tp={tp} needs parallel.sequence_parallel: true "
                               f"(megatron/core/transformer/moe/moe_layer.py)")
-            if cpu and tp > 1 and dims.model_type in ("deepseek_v3", "kimi_k2"):
-                errors.append(f"MLA with tp={tp} is GPU-only here (the local spec shards "
-                              f"linear_q_down_proj / linear_kv_down_proj, which the TE spec and "
-                              f"the HF layout keep whole); on CPU use tp=1")
             if dims.moe_ffn and dims.moe_ffn % etp:
                 errors.append(f"moe_intermediate_size={dims.moe_ffn} is not divisible by etp={etp}")
+        if cpu and tp > 1 and dims.mla is not None:
+            errors.append(f"MLA with tp={tp} is GPU-only here (the local spec shards "
+                          f"linear_q_down_proj / linear_kv_down_proj, which the TE spec and "
+                          f"the HF layout keep whole); on CPU use tp=1")
         for k, name in ((dims.dense_ffn, "intermediate_size"), (dims.shared_ffn, "shared expert size")):
             if k and k % tp:
                 errors.append(f"{name}={k} is not divisible by tp={tp}")

@@ -181,7 +181,9 @@ def sbatch_script(r: Recipe, recipe_path: str, extra: list[str] | None = None) -
         f"cd {shlex.quote(str(REPO))}",
         f"mkdir -p {shlex.quote(str(logs))} {shlex.quote(str(ckpt))}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}",
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # sed reads all of scontrol's output: `head -n 1` would exit early, scontrol would die of
+        # SIGPIPE and `set -o pipefail` would end the job with status 141 (seen ~1 in 3 runs)
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
         "",
         "# Resume: int4_qat.train continues from <checkpoint_dir>/latest (written last, so it always",
         "# names a complete iteration); a requeued job therefore picks up where the last one saved.",

@@ -46,7 +46,7 @@ What is patched (megatron/core paths are relative to site-packages/megatron/core
    shim builds the torch norm and sets the same flag: :func:`_sp_torch_norm`. The rest of sequence
    parallel (all-gather / reduce-scatter along the sequence) runs on gloo as it is.
 
-Things this module does *not* fix (see docs/DESIGN.md "CPU"): the ``alltoall`` token dispatcher
+Things this module does *not* fix (see docs/CPU-NOTES.md): the ``alltoall`` token dispatcher
 (creates a ``torch.cuda.Stream``; use ``allgather``). MLA and gpt-oss attention: see the section
 at the end.
 """
