@@ -89,7 +89,7 @@ def fake_quant_backend(inputs: torch.Tensor, quantizer) -> torch.Tensor:
             f"quantizer uses backend {BACKEND_NAME!r} but backend_extra_args={args!r} lack a "
             "valid 'format'/'group_size' (build the config with QuantScheme.modelopt_config())"
         ) from exc
-    rule = {"scale_rule": args["scale_rule"]} if args.get("scale_rule") else {}
+    rule = {k: args[k] for k in ("scale_rule", "served") if args.get(k)}  # INT4 only
     return get_format(fmt).fake_quantize(
         inputs, group_size, name=args.get("name", "weight"), **rule
     )
