@@ -186,6 +186,38 @@ def test_byte_vocab_tokenizes_like_the_training_tokenizer(tiny, tmp_path):
     assert (llm.token_bos(), llm.token_eos()) == (256, 257)
 
 
+def test_hf_bpe_tokenizer_tokenizes_like_transformers(tmp_path):
+    """An HF byte-level BPE tokenizer (Qwen2/3 pre-tokenizer, trained here on real text) written
+    to GGUF: llama.cpp splits held-out text into the same ids as transformers."""
+    from llama_cpp import Llama
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from int4_qat.data import system_corpus
+
+    qwen2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Qwen2/Qwen3 tokenizer.json pre-tokenizer
+    docs = system_corpus(max_docs=40)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen2), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs[:30], trainers.BpeTrainer(
+        vocab_size=317, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    d = make_tiny_hf_checkpoint("qwen3", tmp_path / "hf")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>").save_pretrained(d)
+    r = export_gguf(str(d), str(tmp_path / "m.gguf"), quantize=False, progress=False)
+    assert r.vocab == "hf-bpe"
+    llm = Llama(model_path=r.output, vocab_only=True, verbose=False)
+    hf = AutoTokenizer.from_pretrained(d)
+    texts = docs[30:40] + ["Hello  world!\n\n  x = 3.14159; it's 'quoted' — naïve café 𝄞\t\tend"]
+    for text in texts:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf.encode(text, add_special_tokens=False)
+    assert sum(len(hf.encode(t)) for t in texts) < 0.8 * sum(len(t.encode()) for t in texts)  # merges used
+    assert llm.token_eos() == hf.eos_token_id
+
+
 class _Swapped:
     """An HF source whose tensors ``a`` and ``b`` are exchanged (a layout mistake, on purpose)."""
 
