@@ -146,13 +146,36 @@ def test_refusals(tiny, tmp_path, mutate, kwargs, match):
     assert not any(p.name.startswith(".x.gguf") or p.name == "x.gguf" for p in tmp_path.iterdir())
 
 
+def test_bad_weights_and_outputs_fail_cleanly(tiny, tmp_path):
+    import shutil
+
+    from int4_qat.testing import rewrite_checkpoint
+
+    d = tmp_path / "hf"
+    shutil.copytree(tiny["qwen3_moe"], d)
+    nan_at = "model.layers.1.self_attn.o_proj.weight"
+    rewrite_checkpoint(d, lambda n, t: t.index_fill(0, torch.tensor([3]), float("nan")) if n == nan_at else t)
+    with pytest.raises(ValueError, match=f"{nan_at}: non-finite value"):        # mid-stream
+        export_gguf(str(d), str(tmp_path / "nan.gguf"), fmt="int4", group_size=32, progress=False)
+    shutil.rmtree(d)
+    shutil.copytree(tiny["qwen3_moe"], d)
+    rewrite_checkpoint(d, lambda n, t: t.index_fill(0, torch.tensor([0]), float("nan"))
+                       if n.endswith("layers.1.mlp.experts.5.down_proj.weight") else t)
+    with pytest.raises(ValueError, match=r"experts\.5\.down_proj: weight contains NaN"):  # a quantized one
+        export_gguf(str(d), str(tmp_path / "nan.gguf"), fmt="int4", group_size=32, progress=False)
+    with pytest.raises(ValueError, match="ending in .gguf"):
+        export_gguf(tiny["qwen3_moe"], str(tmp_path / "outdir"), fmt="int4", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]                   # nothing half-written
+
+
 def test_refused_architectures_say_why(tmp_path):
     from int4_qat.export.gguf_arch import REFUSED, parse_config
 
     for mt in ("gpt_oss", "deepseek_v3", "kimi_k2"):
         with pytest.raises(ValueError, match=f"model_type '{mt}' is not exported to GGUF: llama.cpp"):
             parse_config({"model_type": mt})
-        assert "does not map" in REFUSED[mt]
+        assert "does not map" in REFUSED[mt] and "compressed-tensors" in REFUSED[mt]
+    assert "truncate" in REFUSED["gpt_oss"]
 
 
 def test_cli(tiny, tmp_path):
@@ -260,6 +283,46 @@ def test_llama_cpp_runs_the_float_export_like_transformers(tmp_path, model):
     bad = write_gguf(_Swapped(open_hf_source(str(d)), "q_norm", "k_norm"), str(tmp_path / "bad.gguf"),
                      progress=False).output
     assert compare_logits(ref, gguf_logits(bad, tokens).logits, tokens).mean_abs_dlogprob > 0.01
+
+
+@pytest.mark.parametrize("fmt", ["int4", "mxfp4", "nvfp4"])
+def test_llama_cpp_computes_what_gguf_decodes(tmp_path, fmt, monkeypatch):
+    """Each 4-bit type (NVFP4 with its 1/g ``.scale`` tensors and W4A16 ``prec_a4`` keys) loads in
+    llama.cpp, which computes the weights ``gguf.quants`` decodes: against an F32 file holding those
+    decoded weights only llama.cpp's Q8_0 activations differ (dense model: no routing flips)."""
+    from int4_qat.export import convert as cv
+    from int4_qat.export import gguf_export as G
+    from int4_qat.export.consistency import compare_logits
+    from int4_qat.export.gguf_blocks import decode
+    from int4_qat.export.gguf_eval import gguf_logits
+    from int4_qat.export.source import open_hf_source
+    from int4_qat.testing import rewrite_checkpoint
+
+    d = make_tiny_hf_checkpoint("qwen3", tmp_path / "hf", dtype=torch.float32)
+    rewrite_checkpoint(d, lambda n, t: 6 * t if t.ndim == 2 else t)
+    kw = {"group_size": 32} if fmt == "int4" else {}
+    r = export_gguf(str(d), str(tmp_path / "q.gguf"), fmt=fmt, scope="all-linear", progress=False, **kw)
+    scheme, src = QuantScheme.from_dict(r.scheme), open_hf_source(str(d))
+    decoded = {}
+    for t in src.tensors():
+        mod = t.name.removesuffix(".weight")
+        if t.name.endswith(".weight") and scheme.quantizes_hf(mod) and not cv.never_quantized(mod):
+            sibs = [src.read_any(n) for n in cv._fusion_candidates(mod)] if fmt == "nvfp4" else []
+            q = cv.quantize(scheme, src.read_any(t.name), mod, sibs)
+            inv = G.global_scale_inverse(q) if fmt == "nvfp4" else None
+            decoded[t.name] = decode(G.pack_blocks(q), fmt, inv).float()
+    assert len(decoded) == 2 * 7
+    f32 = G.write_gguf(_Override(src, decoded), str(tmp_path / "dq.gguf"), progress=False).output
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    ref = gguf_logits(f32, tokens).logits
+    rep = compare_logits(ref, gguf_logits(r.output, tokens).logits, tokens)
+    print(f"\n{fmt} GGUF vs F32 GGUF of its gguf-decoded weights (llama.cpp Q8_0 activations): {rep}")
+    assert rep.mean_abs_dlogprob < 0.05 and rep.top1_agree >= 0.95, str(rep)
+    if fmt == "nvfp4":  # the check can fail: without its 1/g output scales the model is another one
+        monkeypatch.setattr(G, "global_scale_inverse", lambda q: np.ones(q.global_scale.numel(), np.float32))
+        bad = export_gguf(str(d), str(tmp_path / "bad.gguf"), fmt=fmt, scope="all-linear", progress=False)
+        bad_rep = compare_logits(ref, gguf_logits(bad.output, tokens).logits, tokens)
+        assert not bad_rep.mean_abs_dlogprob < 1  # (overflows to NaN logits, in fact)
 
 
 def _training_fake_quant(model, arch) -> dict:

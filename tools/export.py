@@ -57,14 +57,14 @@ def main(argv=None) -> int:
 
 
 def _gguf(a) -> int:
-    from int4_qat.export.gguf_export import export_gguf
-
     ct_only = [f for f in ("serving_tp", "serving_ep", "workers") if getattr(a, f) is not None]
     if ct_only or a.allow_unservable:
         flag = "--" + (ct_only[0] if ct_only else "allow_unservable").replace("_", "-")
         print(f"export: error: {flag} applies to the compressed-tensors container, not gguf; drop it",
               file=sys.stderr)
         return 2
+    from int4_qat.export.gguf_export import export_gguf
+
     try:
         r = export_gguf(a.input, a.output, fmt=a.format, group_size=a.group_size, scope=a.scope, recipe=a.recipe,
                         overwrite=a.overwrite, progress=not a.no_progress)

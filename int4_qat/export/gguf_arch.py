@@ -38,12 +38,16 @@ __all__ = ["GGUFTensor", "REFUSED", "SUPPORTED", "add_hparams", "parse_config", 
 SUPPORTED = {"qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
 #: HF model_type -> why this exporter refuses it
 REFUSED = {
-    "gpt_oss": "llama.cpp's gpt-oss graph (src/models/openai-moe-iswa.cpp) is served from the native "
-               "MXFP4 gpt-oss layout with attention sinks, biases and clamped SwiGLU; this exporter "
-               "does not map those tensors yet (use the compressed-tensors / gpt-oss MXFP4 export)",
-    "deepseek_v3": "llama.cpp's deepseek2 graph needs MLA's kv_b_proj split into attn_k_b / attn_v_b, "
-                   "the sigmoid router bias, expert groups and routed scaling written its way; this "
-                   "exporter does not map them yet (use the compressed-tensors export)",
+    "gpt_oss": "llama.cpp's gpt-oss graph (src/models/openai-moe.cpp) would compute another model: "
+               "ggml always rounds YaRN's correction range (ggml.c ggml_rope_yarn_corr_dims, floor/ceil "
+               "= HF truncate: true) while gpt-oss trains with rope_scaling.truncate: false, and its "
+               "SwiGLU alpha/limit are compile-time constants (1.702, 7.0); this exporter also does not "
+               "map gpt-oss tensors (sinks, biases, interleaved gate_up) yet. Use the compressed-tensors "
+               "(native MXFP4) export",
+    "deepseek_v3": "llama.cpp's deepseek2 graph needs MLA's kv_b_proj split into attn_k_b / attn_v_b, the "
+                   "sigmoid router's correction bias, expert groups and the routed scaling written its "
+                   "way (conversion/deepseek.py); this exporter does not map them yet. Use the "
+                   "compressed-tensors export",
 }
 REFUSED["kimi_k2"] = REFUSED["deepseek_v3"]
 

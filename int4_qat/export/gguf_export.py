@@ -22,10 +22,10 @@ runs on the finished file with :func:`verify_gguf`.
 
 Memory and disk at scale: header and tensor table are written first from metadata alone, then
 tensor data is streamed — an expert stack ``[E, N, K]`` one expert at a time — so peak memory is
-one source matrix plus its blocks and fake quant (Kimi-K2: one ``7168 x 2048`` expert, ~0.2 GB),
-never a model. Disk: one file of about 0.56 bytes per quantized weight (Q4_0; MXFP4 0.53, NVFP4
-0.56) plus the float tensors (Qwen3-235B-A22B, experts Q4_0: ~133 GB; Kimi-K2: ~590 GB; llama.cpp
-loads a single file of any size, and ``gguf-split`` can shard it). It is written as
+the largest single source tensor plus its output (Qwen3-235B-A22B: the 151936 x 4096 embedding,
+1.2 GB in bf16; one expert is 12.6 MB), never a model. Disk: one file, 0.5625 bytes per Q4_0 /
+NVFP4 weight and 0.53 per MXFP4 weight plus the float tensors (Qwen3-235B-A22B with Q4_0 experts:
+144 GB); llama.cpp loads a single file of any size, ``gguf-split`` can shard it. It is written as
 ``.<name>.tmp-*`` beside the output and renamed into place, so a failed export leaves nothing.
 A training checkpoint goes through :mod:`.megatron_source` first (an intermediate HF dir).
 """
@@ -225,6 +225,8 @@ def write_gguf(source, output: str, scheme=None, *, tokenizer_dir: str | None = 
             if t.quantized:
                 check_layout(scheme, t.sources[0], t.shape)
     out = os.path.abspath(output)
+    if not out.endswith(".gguf"):
+        raise ValueError(f"output {out}: a GGUF export is one file; give a path ending in .gguf")
     if os.path.isdir(out) or (os.path.exists(out) and not overwrite):
         raise ValueError(f"output {out} already exists; choose another file name or pass --overwrite")
     parent = os.path.dirname(out)
@@ -251,9 +253,12 @@ def write_gguf(source, output: str, scheme=None, *, tokenizer_dir: str | None = 
             if t.quantized and scheme.format.value == "nvfp4":
                 f32, sh = gguf.GGMLQuantizationType.F32, ((t.shape[0],) if len(t.shape) == 3 else (1,))
                 entries.append((_scale_name(t.name), None, f32, _add_info(w, _scale_name(t.name), sh, f32)))
-        if scheme is not None and scheme.format.value == "nvfp4":  # W4A16: keep activations >= Q8
+        if scheme is not None and scheme.format.value == "nvfp4":
+            # W4A16: never quantize these matmuls' activations below Q8 (src/llama-model.cpp
+            # llama_prec_policy::load; the gguf 0.19.0 package has no helper for these keys)
             names = [t.name for t in plan if t.quantized]
-            w.add_tensor_extra_prec_a4(names, [False] * len(names))
+            w.add_array("general.tensor_extra.name", names)
+            w.add_array("general.tensor_extra.prec_a4", [False] * len(names))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
