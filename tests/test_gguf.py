@@ -377,13 +377,13 @@ def test_qat_int4_g32_moe_served_by_llama_cpp(tmp_path):
     docs = D.system_corpus(max_docs=80)
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:60]))
-    r = W.tiny_recipe("tiny-qwen3-moe", data=[str(corpus)], fmt="int4", group=32, steps=16, warmup_steps=2,
-                      save_interval=16, lr=1e-2, min_lr=1e-3)
+    r = W.tiny_recipe("tiny-qwen3-moe", data=[str(corpus)], fmt="int4", group=32, steps=8, warmup_steps=2,
+                      save_interval=8, lr=1e-2, min_lr=1e-3)
     d = r.to_dict()
     d["quant"]["served"] = "exact"
     r = Recipe.from_dict(d)
     res = train(r, cpu=True, out=tmp_path / "run", log=lambda s: None)
-    assert res.losses[-1] < res.losses[0] - 1.0
+    assert res.losses[-1] < res.losses[0] - 0.5
     ckpt = tmp_path / "run" / "ckpt"
     q = export_gguf(str(ckpt), str(tmp_path / "q.gguf"), progress=False)   # scheme from recipe.yaml
     assert q.scheme == r.quant.scheme().to_dict() and q.report.exact, q.report.summary()

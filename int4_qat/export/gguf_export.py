@@ -50,7 +50,7 @@ __all__ = ["GGUFExportResult", "GGUFReport", "SCHEME_KEY", "export_gguf", "verif
 
 SCHEME_KEY = "int4_qat.scheme"
 SOURCE_KEY = "int4_qat.source"
-_FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+_GGML_FLOAT = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _FILE_TYPES = {"int4": "MOSTLY_Q4_0", "mxfp4": "MOSTLY_MXFP4_MOE", "nvfp4": "MOSTLY_NVFP4",
                "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
 
@@ -123,7 +123,7 @@ def _float_qtype(t: GGUFTensor, float_type: str | None = None):
 
     if t.router_or_norm:
         return gguf.GGMLQuantizationType.F32
-    return gguf.GGMLQuantizationType[(float_type or _FLOAT_TYPES[t.dtype]).upper()]
+    return gguf.GGMLQuantizationType[(float_type or _GGML_FLOAT[t.dtype]).upper()]
 
 
 def _scale_name(name: str) -> str:
