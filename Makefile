@@ -27,6 +27,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned, so no other package pulls a multi-GB CUDA build on a CPU machine
 	$(PIP) install -q torch==2.13.0
+	# llama-cpp-python compiles llama.cpp (cmake + gcc, CPU backend) when it installs: the slow
+	# part of an install (~470 CPU-seconds: about 4 minutes on 2 idle cores), so it is timed
+	@start=$$(date +%s); $(PIP) install -q $$(grep -E '^(gguf|llama-cpp-python)==' requirements.txt) && \
+	  echo "llama-cpp-python + gguf installed (llama.cpp built from source) in $$(( $$(date +%s) - start )) s"
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps -e .
 	@touch $(STAMP)

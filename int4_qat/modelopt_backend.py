@@ -104,7 +104,7 @@ def fake_quant_backend(inputs: torch.Tensor, quantizer, *, global_amax=None) -> 
             f"quantizer uses backend {BACKEND_NAME!r} but backend_extra_args={args!r} lack a "
             "valid 'format'/'group_size' (build the config with QuantScheme.modelopt_config())"
         ) from exc
-    rule = {"scale_rule": args["scale_rule"]} if args.get("scale_rule") else {}
+    rule = {k: args[k] for k in ("scale_rule", "served") if args.get(k)}  # INT4 only
     if global_amax is not None:
         rule["global_amax"] = global_amax
     return get_format(fmt).fake_quantize(

@@ -7,7 +7,7 @@ exporter ``quant``, the trainer ``train``, the exporter ``export``)::
     name: tiny-moe
     model:    {config: recipes/models/tiny-qwen3-moe, checkpoint: null, tokenizer: null}
     parallel: {tp: 1, pp: 1, ep: 1, etp: 1, dp: 1, sequence_parallel: false, nodes: 1, gpus_per_node: 1}
-    quant:    {format: int4, group_size: 128, scope: experts, scale_rule: amax/7}
+    quant:    {format: int4, group_size: 128, scope: experts, scale_rule: amax/7, served: bf16}
     train:    {data: [system], seq_length: 128, global_batch: 8, micro_batch: 2, lr: 1.0e-3, ...}
     export:   {formats: [int4], output_dir: runs/tiny-moe/export, serving_tp: 1}
     slurm:    {time: "04:00:00", partition: null, account: null}      # optional
@@ -26,8 +26,9 @@ Rules (the schema is in docs/DESIGN.md §4):
   machine by :func:`int4_qat.data.system_corpus_paths`; :meth:`TrainSection.data_paths` expands it.
 * Format-specific quant rules: INT4 takes any positive group (32/64/128 are Marlin-servable; that
   is checked by ``tools/launch.py check``) and a scale rule (``amax/7`` as slime/Kimi-K2,
-  ``amax/7.5`` as compressed-tensors); MXFP4 has block 32 and NVFP4 block 16 fixed by the formats
-  and take no scale rule.
+  ``amax/7.5`` as compressed-tensors) and a served rule (``bf16``: the engine serves ``bf16(q*s)``,
+  SGLang / vLLM Marlin; ``exact``: it serves ``q*s`` exactly, llama.cpp Q4_0); MXFP4 has block 32
+  and NVFP4 block 16 fixed by the formats and take neither.
 
 This module checks one recipe's own consistency only. Layout-versus-world-size, group-versus-TP
 shard and serving limits need the model's config.json and live in :mod:`int4_qat.planner` /
@@ -46,7 +47,7 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
                       field_validator, model_validator)
 
 __all__ = [
-    "REPO_ROOT", "SYSTEM_DATA", "RecipeError", "QuantFormatName", "QuantScope", "ScaleRule",
+    "REPO_ROOT", "SYSTEM_DATA", "RecipeError", "QuantFormatName", "QuantScope", "ScaleRule", "ServedRule",
     "Precision", "ModelSection", "ParallelSection", "QuantSection", "TrainSection",
     "ExportSection", "SlurmSection", "Recipe", "resolve_path",
 ]
@@ -77,6 +78,11 @@ class QuantScope(str, enum.Enum):
 class ScaleRule(str, enum.Enum):
     AMAX_7 = "amax/7"            # s = amax/7, q in [-7, 7]: slime, Kimi-K2-Thinking
     AMAX_7_5 = "amax/7.5"        # s = amax/7.5, q in [-8, 7]: compressed-tensors' own compressor
+
+
+class ServedRule(str, enum.Enum):
+    BF16 = "bf16"                # the engine computes bf16(q * s): SGLang / vLLM Marlin, compressed-tensors
+    EXACT = "exact"              # the engine computes q * s exactly (float32): llama.cpp Q4_0
 
 
 class Precision(str, enum.Enum):
@@ -166,6 +172,8 @@ class QuantSection(_Section):
                                          "MXFP4: 32; NVFP4: 16; null = the format's default")
     scope: QuantScope = QuantScope.EXPERTS
     scale_rule: ScaleRule | None = Field(None, description="INT4 only; default amax/7")
+    served: ServedRule | None = Field(None, description="INT4 only: the weight the serving engine "
+                                      "computes, bf16 (Marlin, default) or exact (llama.cpp)")
 
     @model_validator(mode="after")
     def _format_rules(self) -> "QuantSection":
@@ -175,6 +183,8 @@ class QuantSection(_Section):
                 self.__dict__["group_size"] = DEFAULT_INT4_GROUP
             if self.scale_rule is None:
                 self.__dict__["scale_rule"] = ScaleRule.AMAX_7
+            if self.served is None:
+                self.__dict__["served"] = ServedRule.BF16
         else:
             block = FIXED_BLOCK[fmt]
             if self.group_size is None:
@@ -185,6 +195,9 @@ class QuantSection(_Section):
             if self.scale_rule is not None:
                 raise ValueError(f"quant.scale_rule: only int4 takes a scale rule; {fmt.value} "
                                  f"scales are fixed by the format (remove scale_rule)")
+            if self.served is not None:
+                raise ValueError(f"quant.served: only int4 takes a served rule; {fmt.value} has one "
+                                 f"served weight for every engine (remove served)")
         return self
 
     def scheme(self):
@@ -195,6 +208,8 @@ class QuantSection(_Section):
                                       scope=Scope(self.scope.value))
         if self.scale_rule is not None:
             kwargs["scale_rule"] = self.scale_rule.value
+        if self.served is not None:
+            kwargs["served"] = self.served.value
         return QuantScheme(**kwargs)
 
 

@@ -16,6 +16,13 @@ A :class:`QuantScheme` answers three questions, and every part of the pipeline a
    NVFP4   16 (fixed)       E4M3 block scale under an fp32 per-tensor global scale
    ======  ===============  =====================================================
 
+   INT4 also has ``served``: how the serving engine evaluates ``q * s``, so fake quant computes the
+   weight *that* engine serves (one rule, in :mod:`int4_qat.formats.int4`): ``"bf16"`` (default)
+   = ``bf16(q * s)``, what Marlin (SGLang / vLLM) and compressed-tensors compute; ``"exact"`` =
+   the exact product ``q * s``, what llama.cpp's Q4_0 decode computes in float32. Codes and scales
+   are the same; the two differ only for float32 training (CPU), where ``"exact"`` keeps the bits
+   bf16 rounding drops.
+
 2. **Which weights?** ``scope``: ``experts`` quantizes routed-expert weights only (the Kimi-K2 /
    slime default: attention, shared experts, dense MLPs stay BF16); ``all-linear`` quantizes
    every linear projection of the decoder. In *no* scope are the router (Megatron ``mlp.router``,
@@ -66,6 +73,7 @@ __all__ = [
     "register_backend",
     "Scope",
     "SCALE_RULES",
+    "SERVED_RULES",
     "FIXED_GROUP_SIZES",
     "DEFAULT_INT4_GROUP_SIZE",
     "MEGATRON_EXPERT_GLOBS",
@@ -86,6 +94,8 @@ class Scope(str, Enum):
 
 # Defaults and allowed values come from the numerics modules (one source of truth).
 SCALE_RULES = tuple(_int4.SCALE_RULES)  # ("amax/7", "amax/7.5")
+SERVED_RULES = ("bf16", "exact")  # int4_qat.formats.int4 ``served=`` (Marlin / llama.cpp)
+DEFAULT_SERVED = "bf16"
 DEFAULT_INT4_GROUP_SIZE = _int4.DEFAULT_GROUP_SIZE  # 128
 DEFAULT_SCALE_RULE = "amax/7"  # slime / Kimi-K2 QAT convention
 # The FP4 block sizes are part of the formats themselves (OCP MX spec: 32; NVFP4: 16).
@@ -192,10 +202,11 @@ def _weight_owner(name: str, hf: bool) -> str | None:
 
 @dataclass(frozen=True)
 class QuantScheme:
-    """Format + group size + scope (+ INT4 scale rule); see the module docstring.
+    """Format + group size + scope (+ INT4 scale rule and served rule); see the module docstring.
 
     ``group_size=None`` means the format's default (INT4 128, MXFP4 32, NVFP4 16);
-    ``scale_rule=None`` means ``amax/7`` for INT4 and must stay None for the FP4 formats.
+    ``scale_rule=None`` means ``amax/7`` for INT4 and must stay None for the FP4 formats;
+    ``served=None`` means ``bf16`` (Marlin) for INT4 and must stay None for the FP4 formats.
     Strings are accepted for ``format`` and ``scope`` and normalised to the enums.
     """
 
@@ -203,6 +214,7 @@ class QuantScheme:
     group_size: int | None = None
     scope: Scope = Scope.EXPERTS
     scale_rule: str | None = None
+    served: str | None = None
 
     def __post_init__(self) -> None:
         fmt = _coerce_enum(QuantFormat, self.format, "format")
@@ -223,7 +235,12 @@ class QuantScheme:
                     f"scale_rule={self.scale_rule!r} applies to int4 only; {fmt.value} has a "
                     "fixed scale rule (leave scale_rule unset)"
                 )
-            rule = None
+            if self.served is not None:
+                raise ValueError(
+                    f"served={self.served!r} applies to int4 only; {fmt.value} has one served "
+                    "weight for every engine (leave served unset)"
+                )
+            rule = served = None
         else:
             group = DEFAULT_INT4_GROUP_SIZE if group is None else group
             if group <= 0:
@@ -233,10 +250,17 @@ class QuantScheme:
                 raise ValueError(
                     f"scale_rule={rule!r} is not supported; allowed values: {list(SCALE_RULES)}"
                 )
+            served = DEFAULT_SERVED if self.served is None else self.served
+            if served not in SERVED_RULES:
+                raise ValueError(
+                    f"served={served!r} is not supported; allowed values: {list(SERVED_RULES)} "
+                    "('bf16' for SGLang / vLLM Marlin, 'exact' for llama.cpp)"
+                )
         object.__setattr__(self, "format", fmt)
         object.__setattr__(self, "scope", scope)
         object.__setattr__(self, "group_size", group)
         object.__setattr__(self, "scale_rule", rule)
+        object.__setattr__(self, "served", served)
 
     # ---------------------------------------------------------------- numerics (delegated)
     @property
@@ -245,12 +269,23 @@ class QuantScheme:
 
     @property
     def rule_kwargs(self) -> dict[str, str]:
-        """Keyword arguments the format functions take besides the group size."""
-        return {"scale_rule": self.scale_rule} if self.scale_rule is not None else {}
+        """Keyword arguments ``fake_quantize`` takes besides the group size (INT4: ``scale_rule``
+        and ``served``; nothing for the FP4 formats). ``quantize`` takes the scale rule only
+        (:attr:`quantize_kwargs`), ``dequantize`` the served rule only."""
+        kw = {"scale_rule": self.scale_rule} if self.scale_rule is not None else {}
+        if self.served is not None:
+            kw["served"] = self.served
+        return kw
+
+    @property
+    def quantize_kwargs(self) -> dict[str, str]:
+        """The subset of :attr:`rule_kwargs` that ``quantize`` takes (codes and scales do not
+        depend on how the engine evaluates ``q * s``)."""
+        return {k: v for k, v in self.rule_kwargs.items() if k != "served"}
 
     def quantize(self, w: torch.Tensor, name: str = "weight") -> QuantizedTensor:
         """Real quantization of ``w`` ([..., N, K], groups along K) with this scheme's settings."""
-        return self._fmt_module.quantize(w, self.group_size, name=name, **self.rule_kwargs)
+        return self._fmt_module.quantize(w, self.group_size, name=name, **self.quantize_kwargs)
 
     def fake_quantize(self, w: torch.Tensor, name: str = "weight") -> torch.Tensor:
         """``dequantize(quantize(w))`` in ``w.dtype``; straight-through backward."""
@@ -258,7 +293,8 @@ class QuantScheme:
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The served weight of ``q`` in ``dtype``."""
-        return self._fmt_module.dequantize(q, dtype)
+        served = {"served": self.served} if self.served is not None else {}
+        return self._fmt_module.dequantize(q, dtype, **served)
 
     # ---------------------------------------------------------------- scope
     def _enable_globs(self, hf: bool) -> tuple[str, ...]:
@@ -320,6 +356,7 @@ class QuantScheme:
             "group_size": self.group_size,
             "scope": self.scope.value,
             "scale_rule": self.scale_rule,
+            "served": self.served,
         }
 
     @classmethod
@@ -327,16 +364,18 @@ class QuantScheme:
         """Inverse of :meth:`to_dict`; missing keys take defaults, unknown keys are a ValueError."""
         if not isinstance(d, Mapping):
             raise ValueError(f"quant scheme must be a mapping, got {type(d).__name__}")
-        allowed = ("format", "group_size", "scope", "scale_rule")
+        allowed = ("format", "group_size", "scope", "scale_rule", "served")
         unknown = sorted(set(d) - set(allowed))
         if unknown:
             raise ValueError(f"unknown quant scheme key(s) {unknown}; allowed keys: {list(allowed)}")
         return cls(**{k: d[k] for k in allowed if k in d})
 
     def describe(self) -> str:
-        """One line for logs, e.g. ``int4 g128 amax/7 scope=experts``."""
+        """One line for logs, e.g. ``int4 g128 amax/7 scope=experts`` (``served=exact`` added
+        when it is not the default)."""
         rule = f" {self.scale_rule}" if self.scale_rule else ""
-        return f"{self.format.value} g{self.group_size}{rule} scope={self.scope.value}"
+        served = f" served={self.served}" if self.served not in (None, DEFAULT_SERVED) else ""
+        return f"{self.format.value} g{self.group_size}{rule}{served} scope={self.scope.value}"
 
 
 def _coerce_enum(enum_cls, value, key: str):

@@ -63,8 +63,18 @@ def ref_int4(w: torch.Tensor, group_size: int, rule: str):
     return codes.reshape(shape), scales.reshape(*shape[:-1], ng), served.reshape(shape)
 
 
+def ref_served_of(codes: np.ndarray, scales: np.ndarray, group_size: int, served: str,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The served weight from codes and scales, in float64 (exact), then rounded as ``served``
+    says: "bf16" rounds to bf16 first, "exact" goes straight to ``dtype``."""
+    exact = codes.astype(np.float64) * np.repeat(scales.astype(np.float64), group_size, -1)
+    t = torch.from_numpy(exact + 0.0)                          # + 0.0: a zero code serves +0.0
+    return (t.to(torch.bfloat16) if served == "bf16" else t).to(dtype)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view({torch.bfloat16: torch.int16, torch.float32: torch.int32}[t.dtype])
+    return t.contiguous().view({torch.bfloat16: torch.int16, torch.float16: torch.int16,
+                                torch.float32: torch.int32}[t.dtype])
 
 
 def make_weight(seed: int, shape, dtype, regime: str, group_size: int) -> torch.Tensor:
@@ -104,8 +114,8 @@ REGIMES = ["normal", "wide", "ties", "tiny", "huge"]
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), lead=st.sampled_from([(), (1,), (2,)]),
        n=st.integers(1, 4), ngroups=st.integers(1, 3), group_size=st.sampled_from([8, 32, 64, 128]),
-       dtype=st.sampled_from([torch.bfloat16, torch.float32]), rule=st.sampled_from(list(RULES)),
-       regime=st.sampled_from(REGIMES))
+       dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+       rule=st.sampled_from(list(RULES)), regime=st.sampled_from(REGIMES))
 @example(seed=1, lead=(2,), n=3, ngroups=2, group_size=32, dtype=torch.bfloat16, rule="amax/7",
          regime="ties")
 @example(seed=2, lead=(), n=2, ngroups=1, group_size=128, dtype=torch.float32, rule="amax/7.5",
@@ -130,6 +140,11 @@ def test_matches_reference_and_round_trips_exactly(seed, lead, n, ngroups, group
     assert torch.equal(bits(fq), bits(rt))                       # atol=0, rtol=0, sign of zero
     assert torch.equal(bits(fq), bits(ref_served.to(w.dtype)))
     assert torch.isfinite(fq).all()
+    for served in int4.SERVED_RULES:                             # the served-weight rule
+        want = bits(ref_served_of(codes, scales, group_size, served, w.dtype))
+        assert torch.equal(bits(int4.dequantize(q, w.dtype, served=served)), want)
+        assert torch.equal(bits(int4.fake_quantize(w, group_size, name="w", scale_rule=rule,
+                                                   served=served)), want)
 
 
 def test_ties_round_half_to_even():
@@ -177,6 +192,41 @@ def test_served_weight_is_the_bf16_product_of_the_stored_scale():
     fq = int4.fake_quantize(w, 32)
     assert torch.equal(fq, exact.float().bfloat16().float())
     assert not torch.equal(fq.double(), exact)                   # the rounding is really there
+
+
+def test_served_exact_is_the_float32_product_for_float32_decoders():
+    # llama.cpp Q4_0 decodes (nibble - 8) * d in float32: the exact product, not bf16(q * s).
+    s = 255 / 256
+    w = torch.tensor([[7 * s, 5 * s, 3 * s, -7 * s] * 8], dtype=torch.float32)
+    q = int4.quantize(w, 32)
+    exact = q.codes.float() * q.scale.float().repeat_interleave(32, -1)
+    assert torch.equal(int4.dequantize(q, torch.float32, served="exact"), exact)
+    assert torch.equal(int4.fake_quantize(w, 32, served="exact"), exact)
+    bf = int4.fake_quantize(w, 32, served="bf16")
+    assert torch.equal(bf, exact.bfloat16().float()) and not torch.equal(bf, exact)
+    # codes and scales do not depend on the rule; for bf16 outputs both rules give the same bits
+    wb = torch.randn(8, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert torch.equal(bits(int4.fake_quantize(wb, 32, served="exact")),
+                       bits(int4.fake_quantize(wb, 32, served="bf16")))
+    qb = int4.quantize(wb, 32)
+    assert torch.equal(bits(int4.dequantize(qb, served="exact")), bits(int4.dequantize(qb)))
+    # fp16 outputs: the exact product rounded once to fp16 (not via bf16)
+    wh = torch.tensor([[7 * s, 5 * s, 3 * s, -7 * s] * 8], dtype=torch.float16)
+    qh = int4.quantize(wh, 32)
+    exact_h = (qh.codes.float() * qh.scale.float().repeat_interleave(32, -1)).half()
+    assert torch.equal(int4.fake_quantize(wh, 32, served="exact"), exact_h)
+    assert torch.equal(int4.dequantize(qh, torch.float16, served="exact"), exact_h)
+    # the STE holds for both
+    p = torch.nn.Parameter(w.clone())
+    int4.fake_quantize(p, 32, served="exact").sum().backward()
+    assert torch.equal(p.grad, torch.ones_like(w))
+
+
+def test_served_rule_is_validated():
+    with pytest.raises(ValueError, match=r"experts\.0\.up_proj: unknown INT4 served rule 'fp16'"):
+        int4.fake_quantize(torch.zeros(2, 32), 32, name="experts.0.up_proj", served="fp16")
+    with pytest.raises(ValueError, match="unknown INT4 served rule 'fp32'"):
+        int4.dequantize(int4.quantize(torch.zeros(2, 32), 32), served="fp32")
 
 
 def test_error_bound_on_gaussian_weights():

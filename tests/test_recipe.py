@@ -64,7 +64,11 @@ def test_defaults_filled():
         (QuantFormatName.INT4, 128, QuantScope.EXPERTS, "amax/7")
     d["quant"] = {"format": "nvfp4"}
     r = Recipe.from_dict(d)
-    assert r.quant.group_size == 16 and r.quant.scale_rule is None
+    assert r.quant.group_size == 16 and r.quant.scale_rule is None and r.quant.served is None
+    d["quant"] = {"format": "int4"}
+    assert Recipe.from_dict(d).quant.served.value == "bf16"
+    d["quant"] = {"format": "int4", "group_size": 32, "served": "exact"}
+    assert Recipe.from_dict(d).quant.scheme().served == "exact"
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -92,6 +96,9 @@ def test_defaults_filled():
      r"quant\.group_size: mxfp4 has a fixed block of 32, got 128"),
     (lambda d: d["quant"].update(format="nvfp4", group_size=None),
      r"quant\.scale_rule: only int4 takes a scale rule"),
+    (lambda d: d["quant"].update(format="mxfp4", group_size=None, scale_rule=None, served="exact"),
+     r"quant\.served: only int4 takes a served rule"),
+    (lambda d: d["quant"].update(served="fp32"), r"quant\.served: Input should be 'bf16' or 'exact'"),
     (lambda d: d["train"].update(micro_batch=3), r"train\.global_batch \(8\) must be a multiple of train\.micro_batch \(3\)"),
     (lambda d: d["export"].update(serving_tp=4, serving_ep=3), r"export\.serving_ep \(3\) must divide export\.serving_tp \(4\)"),
     (lambda d: d["parallel"].update(first_stage_layers=1), r"parallel\.first_stage_layers .* need pp > 1"),

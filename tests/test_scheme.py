@@ -119,6 +119,28 @@ def test_scale_rule_reaches_the_numerics():
     assert not torch.equal(a.scale, b.scale)
 
 
+def test_served_rule_reaches_the_numerics():
+    """served picks how the engine evaluates q*s: same codes and scales, different fp32 weight."""
+    torch.manual_seed(2)
+    w = torch.randn(16, 128) * 0.05
+    marlin, ggml = QuantScheme(group_size=32), QuantScheme(group_size=32, served="exact")
+    assert marlin.served == "bf16" and QuantScheme(format="nvfp4").served is None
+    qa, qb = marlin.quantize(w), ggml.quantize(w)
+    assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scale, qb.scale)
+    exact = (qb.codes.float().unflatten(-1, (4, 32)) * qb.scale.float().unsqueeze(-1)).flatten(-2)
+    assert torch.equal(ggml.fake_quantize(w), exact) and torch.equal(ggml.dequantize(qb, torch.float32), exact)
+    assert not torch.equal(marlin.fake_quantize(w), exact)  # fp32: bf16 rounding drops bits
+    assert torch.equal(marlin.fake_quantize(w.bfloat16()), ggml.fake_quantize(w.bfloat16()))
+    assert ggml.describe() == "int4 g32 amax/7 served=exact scope=experts"
+    assert QuantScheme.from_dict(ggml.to_dict()) == ggml and ggml.to_dict()["served"] == "exact"
+    args = [e["cfg"]["backend_extra_args"] for e in ggml.modelopt_config()["quant_cfg"] if "cfg" in e]
+    assert args and all(a["served"] == "exact" for a in args)  # the training fake quant gets it
+    with pytest.raises(ValueError, match=r"served='fp32' is not supported.*'bf16', 'exact'"):
+        QuantScheme(served="fp32")
+    with pytest.raises(ValueError, match="served='exact' applies to int4 only"):
+        QuantScheme(format="mxfp4", served="exact")
+
+
 def test_format_error_names_the_tensor():
     w = torch.randn(8, 96)
     with pytest.raises(ValueError, match="experts.3.down_proj"):

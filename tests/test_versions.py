@@ -18,7 +18,8 @@ def _pins() -> dict[str, str]:
     return pins
 
 
-@pytest.mark.parametrize("pkg", ["torch", "megatron-core", "nvidia-modelopt", "compressed-tensors", "transformers"])
+@pytest.mark.parametrize("pkg", ["torch", "megatron-core", "nvidia-modelopt", "compressed-tensors", "transformers",
+                                 "gguf", "llama-cpp-python"])
 def test_installed_version_matches_pin(pkg):
     pins = _pins()
     assert pkg in pins, f"{pkg} must be pinned in requirements.txt"

@@ -31,6 +31,19 @@ marlin_template.h): the same correctly rounded bf16 product. So the served weigh
 ``fake_quantize(w)`` returns exactly that cast to ``w.dtype`` (for fp32 weights, too: training sees
 what the server computes).
 
+Engines that decode in float32 (``served="exact"``)
+---------------------------------------------------
+Not every consumer rounds to bf16. llama.cpp's Q4_0 (ggml-quants.c ``dequantize_row_q4_0``:
+``(nibble - 8) * d`` with ``d`` converted to float) computes the product in float32, where it is
+exact: ``|q| <= 8`` has 4 significant bits and the bf16 scale 8, so ``q * s`` has at most 12 and
+always fits float32's 24 (bf16's exponent range is float32's, subnormals included). So the
+keyword ``served`` of ``fake_quantize`` / ``dequantize`` picks the served weight:
+``"bf16"`` (default; Marlin, compressed-tensors) = ``bf16(q * s)`` then cast to the output dtype;
+``"exact"`` (float32 decoders) = the exact ``q * s`` cast to the output dtype. Codes and scales are
+the same for both. For bf16 outputs both give the same bits (one rounding of the same exact
+value); for fp32 outputs they differ (``"exact"`` keeps all 12 bits), and for fp16 outputs they can
+differ by double rounding.
+
 Overflow edges: the scale is capped at the largest bf16 value ``S_MAX`` with ``bf16(|qext| * S_MAX)``
 finite (``|qext|`` = 7 or 8), so the served weight is always finite; only weights within ~1% of
 bf16's max (3.39e38) are affected (clipped). NaN / Inf in the weight raise ValueError.
@@ -67,6 +80,7 @@ __all__ = [
     "MARLIN_GROUP_SIZES",
     "SCALE_RULES",
     "SCALE_FLOOR",
+    "SERVED_RULES",
     "S_MAX",
     "quantize",
     "dequantize",
@@ -83,6 +97,8 @@ MARLIN_GROUP_SIZES = (32, 64, 128)
 SCALE_RULES = {"amax/7": (7.0, -7, 7), "amax/7.5": (7.5, -8, 7)}
 #: slime's lower bound on the amax/7 scale.
 SCALE_FLOOR = 1e-5
+#: ``served=`` values: how the consumer evaluates ``q * s`` (module docstring).
+SERVED_RULES = ("bf16", "exact")
 _CT_ZERO_SCALE = torch.finfo(torch.bfloat16).eps  # compressed-tensors' replacement for scale 0
 
 
@@ -126,9 +142,19 @@ def _scales_and_codes(w: Tensor, group_size: int, scale_rule: str, name: str):
     return q.add_(0.0), s
 
 
-def _served(q: Tensor, s: Tensor) -> Tensor:
-    """Served weight: the exact product q * s (fits float32) rounded once to bf16."""
-    return (q.float() * s.float().unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
+def _check_served(served: str, name: str) -> str:
+    if served not in SERVED_RULES:
+        raise ValueError(f"{name}: unknown INT4 served rule {served!r} (allowed: "
+                         f"{list(SERVED_RULES)}: 'bf16' for Marlin / compressed-tensors, 'exact' "
+                         "for float32 decoders such as llama.cpp)")
+    return served
+
+
+def _served(q: Tensor, s: Tensor, served: str = "bf16") -> Tensor:
+    """Served weight: the exact product q * s (fits float32), rounded once to bf16 unless
+    ``served == "exact"`` (then float32, exact)."""
+    prod = (q.float() * s.float().unsqueeze(-1)).flatten(-2)
+    return prod if served == "exact" else prod.to(torch.bfloat16)
 
 
 def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
@@ -147,20 +173,25 @@ def _check_qt(q: QuantizedTensor) -> None:
                          f"{getattr(q, 'fmt', type(q).__name__)}")
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """The served weight ``bf16(q * s)``, cast to ``dtype``."""
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *,
+               served: str = "bf16") -> Tensor:
+    """The served weight ``bf16(q * s)`` (``served="exact"``: the exact ``q * s``), cast to
+    ``dtype``."""
     _check_qt(q)
+    _check_served(served, "INT4 dequantize")
     g = group_view(q.codes, q.group_size)
-    return _served(g, q.scale).to(dtype)
+    return _served(g, q.scale, served).to(dtype)
 
 
 def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
-                  scale_rule: str = "amax/7") -> Tensor:
-    """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE)."""
+                  scale_rule: str = "amax/7", served: str = "bf16") -> Tensor:
+    """``dequantize(quantize(w), served=served)`` cast to ``w.dtype``; backward is the identity
+    (STE)."""
+    _check_served(served, name)
 
     def fn(x: Tensor) -> Tensor:
         q, s = _scales_and_codes(x, group_size, scale_rule, name)
-        return _served(q, s).to(x.dtype)
+        return _served(q, s, served).to(x.dtype)
 
     return straight_through(w, fn)
 
