@@ -72,9 +72,7 @@ def main(argv=None) -> int:
     res = run_demo(cfg)
     print()
     print(res.table)
-    from int4_qat.demo.report import headlines
-
-    for h in headlines(res.rows):
+    for h in res.headlines:
         print(f"  - {h}")
     print(f"\n* = training-side model (no export). Wall time {time.perf_counter() - t0:.0f} s. "
           f"Report: {res.paths['summary.md']}")

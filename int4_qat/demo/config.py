@@ -47,6 +47,7 @@ class DemoConfig:
     lr: float = 3e-3
     qat_lr: float = 5e-4
     eval_samples: int = 128       # held-out windows of seq_length tokens for the table
+    bootstrap_resamples: int = 2000   # paired bootstrap of every Δ over the eval windows
     formats: tuple[str, ...] = tuple(VARIANTS)
     scope: str = "experts"
     baselines: bool = True        # ModelOpt INT4 AWQ and FP8 rows
@@ -62,7 +63,8 @@ class DemoConfig:
         if unknown:
             raise ValueError(f"--formats: unknown {unknown}; choose from {list(VARIANTS)}")
         for k in ("steps", "qat_steps", "hidden", "layers", "experts", "heads", "seq_length",
-                  "global_batch", "micro_batch", "eval_samples", "threads", "calib_batches"):
+                  "global_batch", "micro_batch", "eval_samples", "threads", "calib_batches",
+                  "bootstrap_resamples"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
         if self.global_batch % self.micro_batch:

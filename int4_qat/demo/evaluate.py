@@ -14,6 +14,13 @@ bf16 activations (the demo separately runs the export in bf16 to show that effec
 
 Loss = mean next-token cross entropy (nats) over every eval token. The train-infer mismatch uses
 the exporter's own metric (``int4_qat.export.consistency.compare_logits``) on both sides' logits.
+
+**Extra evaluators** (the seam for further consumers of the exports, e.g. llama.cpp serving a
+GGUF conversion): an object with a ``name`` (its table column), ``accepts(format, method)`` and
+``window_losses(export_dir, evalset) -> [n]`` per-window mean next-token losses (nats) on the
+same eval windows. :func:`int4_qat.demo.run_demo` takes a list of them; each result lands in
+``Row.extra[name]`` and the report adds a ``<name> loss`` / ``<name> Δ [95% CI]`` column pair,
+the Δ paired against the same evaluator's loss on the BF16 reference row (when it accepts it).
 """
 from __future__ import annotations
 
@@ -21,13 +28,15 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "EvalSet",
+    "ExtraEvaluator",
     "LogitStats",
     "megatron_logits",
     "served_logits",
@@ -76,6 +85,21 @@ class LogitStats:
     @property
     def ppl(self) -> float:
         return math.exp(self.loss)
+
+
+class ExtraEvaluator(Protocol):
+    """A further evaluator of the exported checkpoints, shown as its own column (module docstring)."""
+
+    name: str
+
+    def accepts(self, fmt: str, method: str) -> bool:
+        """Whether this evaluator runs on the export of row ``(fmt, method)`` (``fmt`` is ``bf16``
+        for the unquantized HF checkpoints)."""
+        ...
+
+    def window_losses(self, export_dir: Path, evalset: EvalSet) -> torch.Tensor:
+        """Per-window mean next-token loss ``[n]`` in nats on ``evalset`` (same order)."""
+        ...
 
 
 def logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> LogitStats:

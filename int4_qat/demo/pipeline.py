@@ -32,7 +32,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -49,6 +49,7 @@ class DemoResult:
     paths: dict[str, Path]
     meta: dict[str, Any]
     table: str
+    headlines: list[str]
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -133,8 +134,9 @@ def _safetensors_bytes(export_dir: Path) -> tuple[int, int]:
 class _Demo:
     """State shared by the stages of one run (see :func:`run_demo`)."""
 
-    def __init__(self, cfg: DemoConfig, log: Callable[[str], None]):
+    def __init__(self, cfg: DemoConfig, log: Callable[[str], None], extra_evaluators: Sequence = ()):
         self.cfg, self.clock = cfg, _Clock(log)
+        self.extra_evaluators = list(extra_evaluators)   # evaluate.ExtraEvaluator objects
         self.rows: list[Row] = []
         self.curves: list[Curve] = []
         self.arch = self.evalset = self.calib = None
@@ -166,11 +168,13 @@ class _Demo:
     def evaluate(self, model, fmt: str, method: str, *, export: bool = True, note: str = "") -> Row:
         """Training-side eval of ``model``; then export (quantized variants), reload, eval, mismatch."""
         from int4_qat.demo.evaluate import load_served_model, megatron_logits, mismatch, served_logits
+        from int4_qat.demo.stats import window_losses
 
         model = _inner(model)
         train_stats = megatron_logits(model, self.evalset)
         row = Row(format=fmt, method=method, eval_loss=train_stats.loss, measured_on="training-side",
-                  train_side_loss=train_stats.loss, note=note)
+                  train_side_loss=train_stats.loss, note=note,
+                  window_losses=window_losses(train_stats.target_logprobs).tolist())
         if export:
             hf = self.save_hf(model, f"{fmt}-{method}")
             served_dir = hf
@@ -188,10 +192,18 @@ class _Demo:
             row.bf16_mean_abs_dlogprob = mismatch(train_stats, bf16_stats, self.evalset)["mean_abs_dlogprob"]
             del served
             row.eval_loss, row.measured_on, row.export_dir = served_stats.loss, "export", str(served_dir)
+            row.window_losses = window_losses(served_stats.target_logprobs).tolist()
             row.checkpoint_bytes = _safetensors_bytes(served_dir)[1]
             for k, v in mismatch(train_stats, served_stats, self.evalset).items():
                 setattr(row, k, v)
             row.note = "; ".join(x for x in (row.note, load_note) if x)
+            for ev in self.extra_evaluators:
+                if ev.accepts(fmt, method):
+                    wl = torch.as_tensor(ev.window_losses(served_dir, self.evalset), dtype=torch.float64)
+                    if wl.shape != (self.evalset.tokens.shape[0],):
+                        raise ValueError(f"extra evaluator {ev.name!r}: {tuple(wl.shape)} window "
+                                         f"losses for {self.evalset.tokens.shape[0]} eval windows")
+                    row.extra[ev.name] = {"loss": float(wl.mean()), "window_losses": wl.tolist()}
         self.rows.append(row)
         self.log(f"{fmt:>9} {method:<9} eval loss {row.eval_loss:.4f} ({row.measured_on}); "
                  f"train-side {row.train_side_loss:.4f}"
@@ -271,15 +283,11 @@ class _Demo:
                 del tr
 
     def finish(self) -> DemoResult:
+        from int4_qat.demo.compare import assign_deltas, headlines
         from int4_qat.demo.report import format_table, write_report
 
-        ref = {m: r.eval_loss for r in self.rows if r.format == "bf16" for m in (r.method,)}
-        for r in self.rows:
-            if r.format == "bf16":
-                continue
-            key = "continued" if r.method == "qat" else "trained"
-            if key in ref:
-                r.delta_vs_bf16, r.reference = r.eval_loss - ref[key], f"bf16 {key}"
+        boot = {"resamples": self.cfg.bootstrap_resamples, "seed": self.cfg.seed}
+        assign_deltas(self.rows, **boot)
         order = {"bf16": 0, **{f: i + 1 for i, f in enumerate(VARIANTS)}, "int4-awq": 9, "fp8-e4m3": 10}
         morder = {"trained": 0, "continued": 1, "ptq": 2, "awq": 3, "qat": 4}
         self.rows.sort(key=lambda r: (order.get(r.format, 99), morder.get(r.method, 9)))
@@ -293,12 +301,14 @@ class _Demo:
                              "scope": cfg.scope, "seq length": cfg.seq_length,
                              "global batch": cfg.global_batch, "lr / continuation lr": f"{cfg.lr} / {cfg.qat_lr}",
                              "torch threads": cfg.threads},
+                "bootstrap": {**boot, "level": 0.95, "windows": self.evalset.tokens.shape[0],
+                              "unit": "eval window (paired: every model on the same windows)"},
                 "config": cfg.to_dict(), "wall_time_s": round(wall, 1),
                 "stage_seconds": self.clock.stages,
                 "versions": _versions()}
-        paths = write_report(cfg.out, self.rows, self.curves, meta)
-        table = format_table(self.rows)
-        return DemoResult(self.rows, self.curves, paths, meta, table)
+        heads = headlines(self.rows, **boot)
+        paths = write_report(cfg.out, self.rows, self.curves, meta, heads)
+        return DemoResult(self.rows, self.curves, paths, meta, format_table(self.rows), heads)
 
 
 def _versions() -> dict[str, str]:
@@ -312,8 +322,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
-    """Run every stage (see the module docstring) and write the report into ``cfg.out``."""
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print,
+             extra_evaluators: Sequence = ()) -> DemoResult:
+    """Run every stage (see the module docstring) and write the report into ``cfg.out``.
+    ``extra_evaluators``: :class:`int4_qat.demo.evaluate.ExtraEvaluator` objects, one table
+    column each (run on every exported checkpoint they accept)."""
     torch.set_num_threads(cfg.threads)
     import torch.distributed as dist
 
@@ -322,7 +335,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
     cfg.out.mkdir(parents=True, exist_ok=True)
-    demo = _Demo(cfg, log)
+    demo = _Demo(cfg, log, extra_evaluators)
     demo.log(f"int4-qat demo -> {cfg.out} | formats {', '.join(cfg.formats)} | scope {cfg.scope}")
     demo.stage_train()
     demo.stage_ptq()
