@@ -66,6 +66,10 @@ class EvalSet:
     def num_tokens(self) -> int:
         return self.labels.numel()
 
+    def head(self, n: int) -> "EvalSet":
+        """The first ``n`` windows (all of them when ``n`` is larger)."""
+        return EvalSet(self.tokens[:n], self.labels[:n], self.batch)
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, self.tokens.shape[0], self.batch):
             yield self.tokens[i:i + self.batch], self.labels[i:i + self.batch]
@@ -85,6 +89,10 @@ class LogitStats:
     @property
     def ppl(self) -> float:
         return math.exp(self.loss)
+
+    def head(self, n: int) -> "LogitStats":
+        """The first ``n`` windows (matches :meth:`EvalSet.head`)."""
+        return LogitStats(self.logits[:n], self.target_logprobs[:n])
 
 
 class ExtraEvaluator(Protocol):
@@ -154,12 +162,20 @@ def served_logits(model, evalset: EvalSet) -> LogitStats:
     return logit_stats(torch.cat(outs), evalset.labels)
 
 
-def mismatch(train: LogitStats, served: LogitStats, evalset: EvalSet) -> dict[str, float]:
+def mismatch(train: LogitStats, served: LogitStats, evalset: EvalSet, chunk: int = 64) -> dict[str, float]:
     """Train-infer mismatch on the eval tokens, by the exporter's own metric
     (``int4_qat.export.consistency.compare_logits``: mean / max |Δ logprob| of the next token,
-    mean KL(train || served) over the vocabulary, in nats)."""
+    mean KL(train || served) over the vocabulary, in nats), ``chunk`` windows at a time (it works
+    in float64 on ``[n, seq, V]``: chunks bound the memory) and combined token-weighted."""
     from int4_qat.export.consistency import compare_logits
 
-    rep = compare_logits(train.logits, served.logits, evalset.tokens)
-    return {"mean_abs_dlogprob": rep.mean_abs_dlogprob, "max_abs_dlogprob": rep.max_abs_dlogprob,
-            "kl": rep.kl_mean}
+    n = evalset.tokens.shape[0]
+    if train.logits.shape[0] != n or served.logits.shape[0] != n:
+        raise ValueError(f"mismatch: logits of {train.logits.shape[0]} / {served.logits.shape[0]} "
+                         f"windows for an eval set of {n}")
+    reps = [compare_logits(train.logits[i:i + chunk], served.logits[i:i + chunk],
+                           evalset.tokens[i:i + chunk]) for i in range(0, n, chunk)]
+    total = sum(r.positions for r in reps)
+    return {"mean_abs_dlogprob": sum(r.mean_abs_dlogprob * r.positions for r in reps) / total,
+            "max_abs_dlogprob": max(r.max_abs_dlogprob for r in reps),
+            "kl": sum(r.kl_mean * r.positions for r in reps) / total}

@@ -8,20 +8,26 @@ A :class:`Row` is one model that was evaluated: a format (``bf16``, ``int4-g32``
 ``ptq``       round-to-nearest post-training quantization of the *trained* model (fake quant, no
               further training);
 ``qat``       the trained model continued with the fake quantizer in the forward for the budget;
-``awq`` / ``rtn-fp8`` calibration-based and FP8 serving baselines.
+``awq``        the ModelOpt INT4 AWQ baseline (``fp8-e4m3`` / ``ptq``: the FP8 serving baseline).
 
 Columns: eval loss (held-out, measured on the *reloaded* export where one exists, otherwise on the
 training-side model -- the ``measured_on`` field says which), Δ vs BF16 (against the BF16 model the
-row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``), perplexity
+row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``; see
+:mod:`int4_qat.demo.compare`) with its 95 % paired-bootstrap interval over the eval windows and
+whether that interval excludes 0 (``signif.``; :mod:`int4_qat.demo.stats`), perplexity
 ``exp(loss)``, checkpoint bytes (unquantized tensors counted at bf16), and the train-infer
 mismatch between the training-side fake-quant forward (Megatron + ModelOpt, fp32) and the reloaded
 export: mean / max |Δ logprob| of the target tokens and the mean KL(train || served) over the
 vocabulary, with the export computing in fp32 (isolates the checkpoint) and, last column, the mean
 |Δ logprob| when the export computes in bf16 as a server would (adds bf16 activation rounding).
+Extra evaluators (``Row.extra``, :class:`int4_qat.demo.evaluate.ExtraEvaluator`) add a loss and a
+Δ column each.
 
 Plots use matplotlib's Agg backend (no display needed): ``loss_curves.png`` (training loss per step
 of the BF16 run and of every QAT continuation, PTQ eval losses as dashed levels),
-``eval_loss.png`` (per-format bars, PTQ vs QAT, BF16 reference lines) and ``checkpoint_size.png``.
+``eval_loss.png`` (per-format bars, PTQ vs QAT, BF16 reference lines; Δ with interval error bars)
+and ``checkpoint_size.png``. ``summary.json`` keeps every row's per-window losses, so every
+interval can be recomputed from it.
 """
 from __future__ import annotations
 
@@ -187,7 +193,7 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "signif. = the interval excludes 0. "
            "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
            "the reloaded export computing in fp32, on the eval tokens; last column: the export "
-           "computing in bf16 (a server's activation precision). ckpt bytes: safetensors payload with every "
+           "computing in bf16 (a server's activation precision), on the first 64 eval windows. ckpt bytes: safetensors payload with every "
            "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
            "so that the reload reproduces the fp32 training-side forward exactly.", ""]
     if headlines:
@@ -197,7 +203,7 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
         md += ["Notes:", *notes, ""]
     md += ["![loss curves](loss_curves.png)", "", "![eval loss](eval_loss.png)", "",
            "![checkpoint size](checkpoint_size.png)", ""]
-    for k in ("wall_time_s", "stage_seconds"):
+    for k in ("wall_time_s", "cpu_time_s", "stage_seconds", "stage_cpu_seconds"):
         if k in meta:
             md.append(f"- {k}: {json.dumps(meta[k])}")
     md_path = out / "summary.md"
@@ -318,14 +324,16 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
                [(r.delta_hi if r.delta_hi is not None else r.delta_vs_bf16) - r.delta_vs_bf16
                 for _, r in cells]]
         bars = axd.bar([x for x, _ in cells], [r.delta_vs_bf16 for _, r in cells],
-                       width=width * 0.95, label=m, color=f"C{j}", yerr=err, capsize=3,
+                       width=width * 0.95, color=f"C{j}", yerr=err, capsize=3,
                        error_kw={"elinewidth": 0.9})
         for b, (_, r) in zip(bars, cells):
             if r.significant is False:
                 b.set_alpha(0.45)
                 b.set_hatch("//")
-        axd.bar_label(bars, labels=[f"{r.delta_vs_bf16:+.4f}" for _, r in cells], fontsize=6,
-                      rotation=90, padding=2, label_type="center")
+        for x, r in cells:      # the value above the whisker, where the error bar cannot hide it
+            top = max(r.delta_vs_bf16, r.delta_hi if r.delta_hi is not None else r.delta_vs_bf16, 0.0)
+            axd.annotate(f"{r.delta_vs_bf16:+.4f}", (x, top), xytext=(0, 3), textcoords="offset points",
+                         ha="center", va="bottom", rotation=90, fontsize=6)
     for panel in (ax, axd):
         panel.set_xticks(range(len(formats)), formats)
         panel.grid(axis="y", alpha=0.3)
@@ -339,15 +347,18 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
             for v in (r.delta_vs_bf16, r.delta_lo, r.delta_hi) if v is not None]
     if ends:
         span = max(max(ends), 0.0) - min(min(ends), 0.0) + 1e-4
-        axd.set_ylim(min(min(ends), 0.0) - 0.1 * span, max(max(ends), 0.0) + 0.25 * span)
+        axd.set_ylim(min(min(ends), 0.0) - 0.1 * span, max(max(ends), 0.0) + 0.3 * span)
     axd.axhline(0.0, color="k", linewidth=0.8)
     ax.set_ylabel("held-out eval loss (reloaded export; * rows training-side)")
     axd.set_ylabel("Δ eval loss vs BF16 (nats / token), 95% interval")
     ax.set_title("Eval loss per format", fontsize=10)
-    axd.set_title("Cost of quantization: PTQ vs trained BF16, QAT vs BF16 continued "
-                  "(hatched: interval covers 0)", fontsize=9)
+    axd.set_title("Cost of quantization: PTQ vs trained BF16, QAT vs BF16 continued", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
-    axd.legend(fontsize=7, loc="upper right")
+    from matplotlib.patches import Patch   # explicit handles: a hatched first bar must not set the key
+
+    handles = [Patch(color=f"C{j}", label=m) for j, m in enumerate(methods)]
+    handles.append(Patch(facecolor="lightgray", hatch="//", label="interval covers 0"))
+    axd.legend(handles=handles, fontsize=7, loc="upper right")
     return _save(fig, path, plt)
 
 
