@@ -147,6 +147,11 @@ def test_gap_closed_ratio():
     # PTQ costs exactly 0.04 per window, QAT 0.01: QAT closes 75 %, with no spread
     iv = gap_closed(trained + 0.04, trained, cont + 0.01, cont)
     assert iv.value == pytest.approx(0.75) and iv.lo == pytest.approx(0.75) and iv.hi == pytest.approx(0.75)
+    # QAT's per-window cost tracks PTQ's (dq = dp / 4, noisy): every joint resample of the windows
+    # gives exactly 75 %; resampling numerator and denominator apart would give a wide interval
+    e = 0.03 * torch.randn(300, generator=g, dtype=torch.float64)
+    iv = gap_closed(trained + 0.04 + e, trained, cont + 0.01 + e / 4, cont)
+    assert iv.lo == pytest.approx(0.75) and iv.hi == pytest.approx(0.75)
     # with per-window noise the estimate is 1 - mean(dq) / mean(dp), the interval around it
     e1, e2 = (0.02 * torch.randn(300, generator=g, dtype=torch.float64) for _ in range(2))
     iv = gap_closed(trained + 0.04 + e1, trained, cont + 0.01 + e2, cont)
