@@ -193,7 +193,10 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "signif. = the interval excludes 0. "
            "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
            "the reloaded export computing in fp32, on the eval tokens; last column: the export "
-           "computing in bf16 (a server's activation precision), on the first 64 eval windows. ckpt bytes: safetensors payload with every "
+           "computing in bf16 (a server's activation precision), on the first 64 eval windows. A max "
+           "|Δlogp| far above the mean comes from single tokens whose top-k expert routing is a "
+           "near-tie (two router probabilities within ~1e-8) that the two fp32 forwards resolve "
+           "differently. ckpt bytes: safetensors payload with every "
            "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
            "so that the reload reproduces the fp32 training-side forward exactly.", ""]
     if headlines:
