@@ -194,6 +194,11 @@ def test_summary_wording_follows_significance():
     assign_deltas(rows)
     h = headlines(rows)[0]
     assert "PTQ Δ" in h and "within noise" in h and "no PTQ gap to close" in h and "%" not in h
+    # PTQ significantly *better* than BF16: no gap either, no percentage
+    rows = _wrows(-0.02, 0.0)
+    assign_deltas(rows)
+    h = headlines(rows)[0]
+    assert "(significant)" in h and "no PTQ gap to close" in h and "%" not in h
     # significant PTQ gap, QAT no better: the closed fraction covers 0 and is not claimed
     rows = _wrows(0.01, 0.01, noise=0.01)
     assign_deltas(rows)

@@ -78,19 +78,18 @@ def assign_deltas(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int 
 
 
 def gaps(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int = 0) -> list[Gap]:
-    """Per format with a PTQ and a QAT row (and both BF16 references): the gap-closure interval."""
+    """Per format with a PTQ and a QAT row with intervals (after :func:`assign_deltas`, same
+    ``resamples`` / ``seed``): both gaps and the gap-closure interval."""
     by = {(r.format, r.method): r for r in rows}
     trained, cont = by.get(("bf16", "trained")), by.get(("bf16", "continued"))
     out = []
     for f in dict.fromkeys(r.format for r in rows):
         p, q = by.get((f, "ptq")), by.get((f, "qat"))
-        if None in (p, q, trained, cont) or any(x.window_losses is None for x in (p, q, trained, cont)):
+        if None in (p, q, trained, cont) or delta_interval(p) is None or delta_interval(q) is None:
             continue
-        kw = dict(resamples=resamples, seed=seed)
-        out.append(Gap(f, paired_delta(p.window_losses, trained.window_losses, **kw),
-                       paired_delta(q.window_losses, cont.window_losses, **kw),
+        out.append(Gap(f, delta_interval(p), delta_interval(q),
                        gap_closed(p.window_losses, trained.window_losses, q.window_losses,
-                                  cont.window_losses, **kw)))
+                                  cont.window_losses, resamples=resamples, seed=seed)))
     return out
 
 
@@ -101,7 +100,7 @@ def _state(iv: Interval) -> str:
 def _gap_line(g: Gap) -> str:
     line = (f"{g.format}: PTQ Δ {g.ptq.fmt()} nats ({_state(g.ptq)}), "
             f"QAT Δ {g.qat.fmt()} ({_state(g.qat)})")
-    if not g.ptq.significant:
+    if not g.ptq.lo > 0.0:      # covers 0 (or PTQ significantly *better*): nothing to close
         return line + "; no PTQ gap to close, so no percentage"
     closed = g.closed.fmt(".0f", scale=100, unit="%")
     if g.closed.significant:
@@ -111,8 +110,9 @@ def _gap_line(g: Gap) -> str:
 
 
 def headlines(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int = 0) -> list[str]:
-    """The summary lines: one per format with PTQ and QAT, one per other compared row (baselines),
-    stating significance on each; then the largest train-infer mismatch."""
+    """The summary lines (after :func:`assign_deltas`): one per format with PTQ and QAT, one per
+    other compared row (baselines), stating significance on each; then the largest train-infer
+    mismatch."""
     out, covered = [], set()
     for g in gaps(rows, resamples=resamples, seed=seed):
         out.append(_gap_line(g))
