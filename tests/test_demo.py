@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from int4_qat.demo.report import (PNG_SIGNATURE, Curve, Row, format_table, is_png, rows_from_json,
                                   write_report)
@@ -46,7 +47,7 @@ def test_report_table_json_and_plots(tmp_path):
     assert "training-side only" in md
     import re
     header = next(l for l in md.splitlines() if l.startswith("| format"))
-    assert len(re.findall(r"(?<!\\)\|", header)) == 11      # 10 columns: no bare | inside a cell
+    assert len(re.findall(r"(?<!\\)\|", header)) == 12      # 11 columns: no bare | inside a cell
     assert "![loss curves](loss_curves.png)" in md
     back = rows_from_json(paths["summary.json"])
     assert [(r.format, r.method, r.eval_loss) for r in back] == [(r.format, r.method, r.eval_loss) for r in rows]
@@ -82,6 +83,127 @@ def test_config_validation():
     with pytest.raises(ValueError, match="--global-batch 6 must be a multiple of --micro-batch 4"):
         DemoConfig(global_batch=6, micro_batch=4)
     assert DemoConfig(qat_steps=10, global_batch=4, micro_batch=4, seq_length=64).qat_tokens == 2560
+
+
+# ----------------------------------------------------------------------------- bootstrap
+def test_bootstrap_two_windows_by_hand():
+    """d = [0, 1]: a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the 2.5th
+    percentile is 0 and the 97.5th is 1 (P(0) = P(1) = 1/4 > 2.5 %); the point estimate 0.5."""
+    from int4_qat.demo.stats import bootstrap_indices, paired_delta
+
+    iv = paired_delta([3.0, 5.0], [3.0, 4.0], resamples=2000, seed=0)
+    assert (iv.value, iv.lo, iv.hi) == (0.5, 0.0, 1.0)
+    assert not iv.significant
+    idx = bootstrap_indices(2, 2000, seed=0)
+    assert idx.shape == (2000, 2) and torch.equal(idx, bootstrap_indices(2, 2000, seed=0))
+    means = idx.double().mean(dim=1)            # = resampled mean of d = [0, 1]
+    assert abs(float((means == 0.5).double().mean()) - 0.5) < 0.04
+
+
+def test_bootstrap_is_paired():
+    """A constant per-window shift on windows of very different difficulty: the paired interval
+    has zero width (the difficulty cancels); an unpaired bootstrap would be ~±0.3 wide."""
+    from int4_qat.demo.stats import paired_delta
+
+    g = torch.Generator().manual_seed(1)
+    base = 1.0 + 4.0 * torch.rand(200, generator=g, dtype=torch.float64)
+    iv = paired_delta(base + 0.01, base)
+    assert iv.value == pytest.approx(0.01) and iv.lo == pytest.approx(0.01) and iv.hi == pytest.approx(0.01)
+    assert iv.significant
+    with pytest.raises(ValueError, match="same eval windows"):
+        paired_delta(base, base[:-1])
+    with pytest.raises(ValueError, match="at least 2 eval windows"):
+        paired_delta([1.0], [1.0])
+
+
+def test_bootstrap_identical_vs_clearly_worse_and_coverage():
+    from int4_qat.demo.stats import paired_delta
+
+    g = torch.Generator().manual_seed(2)
+    ref = 2.0 + torch.rand(256, generator=g, dtype=torch.float64)
+    same = paired_delta(ref, ref.clone())
+    assert (same.value, same.lo, same.hi) == (0.0, 0.0, 0.0) and not same.significant
+    noise = 0.02 * torch.randn(256, generator=g, dtype=torch.float64)
+    noisy = paired_delta(ref + noise - noise.mean(), ref)     # same mean, per-window noise
+    assert noisy.lo < 0.0 < noisy.hi and not noisy.significant
+    worse = paired_delta(ref + 0.01 + noise, ref)             # 0.01 nats worse, noise sd 0.02
+    assert worse.lo > 0.0 and worse.significant and worse.lo < 0.01 + float(noise.mean()) < worse.hi
+    # the 95 % interval covers the true mean in ~95 % of 400 repeated experiments (normal data,
+    # n = 100; seeded, so a fixed number: 383/400 here, a 90 % interval would give 366)
+    g, hits = torch.Generator().manual_seed(2), 0
+    for k in range(400):
+        d = 0.1 + torch.randn(100, generator=g, dtype=torch.float64)
+        iv = paired_delta(d, torch.zeros(100, dtype=torch.float64), resamples=500, seed=k)
+        hits += iv.lo < 0.1 < iv.hi
+    assert 0.93 <= hits / 400 <= 0.985, hits
+
+
+def test_gap_closed_ratio():
+    from int4_qat.demo.stats import gap_closed
+
+    g = torch.Generator().manual_seed(3)
+    trained = 2.0 + torch.rand(300, generator=g, dtype=torch.float64)
+    cont = trained - 0.05
+    # PTQ costs exactly 0.04 per window, QAT 0.01: QAT closes 75 %, with no spread
+    iv = gap_closed(trained + 0.04, trained, cont + 0.01, cont)
+    assert iv.value == pytest.approx(0.75) and iv.lo == pytest.approx(0.75) and iv.hi == pytest.approx(0.75)
+    # QAT's per-window cost tracks PTQ's (dq = dp / 4, noisy): every joint resample of the windows
+    # gives exactly 75 %; resampling numerator and denominator apart would give a wide interval
+    e = 0.03 * torch.randn(300, generator=g, dtype=torch.float64)
+    iv = gap_closed(trained + 0.04 + e, trained, cont + 0.01 + e / 4, cont)
+    assert iv.lo == pytest.approx(0.75) and iv.hi == pytest.approx(0.75)
+    # with per-window noise the estimate is 1 - mean(dq) / mean(dp), the interval around it
+    e1, e2 = (0.02 * torch.randn(300, generator=g, dtype=torch.float64) for _ in range(2))
+    iv = gap_closed(trained + 0.04 + e1, trained, cont + 0.01 + e2, cont)
+    assert iv.value == pytest.approx(1 - float((0.01 + e2).mean() / (0.04 + e1).mean()))
+    assert iv.lo < iv.value < iv.hi and iv.lo > 0.5 and iv.hi < 1.0
+
+
+def _wrows(ptq_shift: float, qat_shift: float, n: int = 200, noise: float = 0.01, seed: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    t = 2.0 + torch.rand(n, generator=g, dtype=torch.float64)
+    c = t - 0.05
+
+    def row(fmt, method, w):
+        return Row(fmt, method, float(w.mean()), window_losses=w.tolist())
+    eps = [noise * torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2)]
+    return [row("bf16", "trained", t), row("bf16", "continued", c),
+            row("int4-g128", "ptq", t + ptq_shift + eps[0]), row("int4-g128", "qat", c + qat_shift + eps[1]),
+            row("fp8-e4m3", "ptq", t + eps[0] - eps[0].mean())]
+
+
+def test_summary_wording_follows_significance():
+    from int4_qat.demo.compare import assign_deltas, headlines
+
+    rows = _wrows(0.02, 0.002)                 # both gaps far outside noise sd/sqrt(n) ~ 0.0007
+    assign_deltas(rows)
+    by = {(r.format, r.method): r for r in rows}
+    assert by[("int4-g128", "ptq")].reference == "bf16 trained"
+    assert by[("int4-g128", "qat")].reference == "bf16 continued"
+    assert by[("int4-g128", "ptq")].significant and by[("int4-g128", "qat")].significant
+    assert by[("fp8-e4m3", "ptq")].significant is False and by[("bf16", "trained")].significant is None
+    h = headlines(rows)
+    assert h[0].startswith("int4-g128: PTQ Δ +0.02") and "(significant)" in h[0]
+    closed = 1 - by[("int4-g128", "qat")].delta_vs_bf16 / by[("int4-g128", "ptq")].delta_vs_bf16
+    assert 0.5 < closed < 1.0 and f"QAT closes {100 * closed:.0f}% [" in h[0] and h[0].endswith("of the PTQ gap")
+    assert h[1].startswith("fp8-e4m3 ptq: Δ") and "within noise: interval covers 0" in h[1]
+    table = format_table(rows)
+    assert "signif." in table and " no " in table and " yes " in table
+    # PTQ gap within noise: no percentage at all
+    rows = _wrows(0.0003, 0.0002, noise=0.02)
+    assign_deltas(rows)
+    h = headlines(rows)[0]
+    assert "PTQ Δ" in h and "within noise" in h and "no PTQ gap to close" in h and "%" not in h
+    # PTQ significantly *better* than BF16: no gap either, no percentage
+    rows = _wrows(-0.02, 0.0)
+    assign_deltas(rows)
+    h = headlines(rows)[0]
+    assert "(significant)" in h and "no PTQ gap to close" in h and "%" not in h
+    # significant PTQ gap, QAT no better: the closed fraction covers 0 and is not claimed
+    rows = _wrows(0.01, 0.01, noise=0.01)
+    assign_deltas(rows)
+    h = headlines(rows)[0]
+    assert "not significant" in h and "QAT closes" not in h
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -141,6 +263,44 @@ def test_demo_reloaded_export_matches_training_side(ci_run):
         assert r["bf16_mean_abs_dlogprob"] > 100 * r["mean_abs_dlogprob"], r
         checked += 1
     assert checked == 2 + 2 * len(FORMATS)     # bf16 trained/continued + (ptq, qat) per format
+
+
+@pytest.mark.slow
+def test_demo_intervals_and_wording(ci_run):
+    """Every compared row carries its paired-bootstrap interval, recomputable from the per-window
+    losses in summary.json, and the summary states each row's significance as its interval does."""
+    from int4_qat.demo.stats import paired_delta
+
+    out, stdout, js = ci_run
+    rows = {(r["format"], r["method"]): r for r in js["rows"]}
+    boot = js["meta"]["bootstrap"]
+    assert boot["windows"] == 64 and boot["resamples"] == 2000
+    ref = {"ptq": rows[("bf16", "trained")], "awq": rows[("bf16", "trained")],
+           "qat": rows[("bf16", "continued")]}
+    lines = js["headlines"]
+    md = (out / "summary.md").read_text()
+    for (f, m), r in rows.items():
+        assert len(r["window_losses"]) == 64
+        assert sum(r["window_losses"]) / 64 == pytest.approx(r["eval_loss"], abs=1e-9)
+        if f == "bf16":
+            assert r["delta_lo"] is None
+            continue
+        iv = paired_delta(r["window_losses"], ref[m]["window_losses"], resamples=boot["resamples"],
+                          seed=boot["seed"])
+        assert (r["delta_vs_bf16"], r["delta_lo"], r["delta_hi"]) == pytest.approx((iv.value, iv.lo, iv.hi))
+        assert r["delta_lo"] <= r["delta_vs_bf16"] <= r["delta_hi"]
+        # "<format>: PTQ Δ v [lo, hi] nats (state), QAT Δ ... (state); ..." / "<fmt> <method>: Δ ..."
+        line = next(l for l in lines if l.startswith(f"{f}:" if f in FORMATS else f"{f} {m}:"))
+        at = line.index({"ptq": "PTQ Δ", "qat": "QAT Δ"}[m] if f in FORMATS else "Δ")
+        said = line[at:line.index(")", at) + 1]
+        assert iv.fmt() in said
+        assert ("(significant" in said) == iv.significant, (line, iv)
+        assert ("within noise" in said) == (not iv.significant), (line, iv)
+        assert line in stdout and f"- {line}" in md
+    for f in FORMATS:           # a percentage only where the PTQ gap is significant
+        line = next(l for l in lines if l.startswith(f"{f}:"))
+        sig = rows[(f, "ptq")]["delta_lo"] > 0 or rows[(f, "ptq")]["delta_hi"] < 0
+        assert ("%" in line) == sig, line
 
 
 @pytest.mark.slow
@@ -214,6 +374,64 @@ def test_awq_baseline_calibrates_expert_inputs(tiny_megatron):
         not model.decoder.layers[1].mlp.router.weight_quantizer.is_enabled
     with pytest.raises(ValueError, match="scope 'dense'"):
         scope_quantizer_globs("dense")
+
+
+class _ServedBf16:
+    """A real extra evaluator for the seam test: the export reloaded by transformers computing in
+    bf16 (what a bf16 server's activations do to the loss)."""
+
+    name = "hf-bf16"
+
+    def __init__(self):
+        self.calls = []
+
+    def accepts(self, fmt, method):
+        return (fmt, method) in {("bf16", "trained"), ("int4-g32", "ptq")}
+
+    def window_losses(self, export_dir, evalset):
+        from int4_qat.demo.evaluate import load_served_model, served_logits
+        from int4_qat.demo.stats import window_losses
+
+        self.calls.append(os.path.basename(export_dir))
+        model, _ = load_served_model(export_dir)
+        return window_losses(served_logits(model.to(torch.bfloat16), evalset).target_logprobs)
+
+
+def test_extra_evaluator_column(tiny_megatron, tmp_path):
+    """The seam for a further consumer of the exports: run on the rows it accepts, its per-window
+    losses paired against its own BF16 reference, one column pair in the table."""
+    from int4_qat.arch import load_arch
+    from int4_qat.data import ByteTokenizer, pack_documents, system_corpus
+    from int4_qat.demo import DemoConfig
+    from int4_qat.demo.compare import assign_deltas
+    from int4_qat.demo.evaluate import EvalSet
+    from int4_qat.demo.pipeline import _Demo
+    from int4_qat.recipe import QuantSection
+
+    make, _ = tiny_megatron
+    ev = _ServedBf16()
+    demo = _Demo(DemoConfig(out=tmp_path, formats=("int4-g32",)), lambda m: None, [ev])
+    demo.arch = load_arch(os.path.join(REPO, "recipes", "models", "tiny-qwen3-moe"))
+    w = pack_documents(system_corpus(max_docs=40), ByteTokenizer(320), 32)[:12]
+    demo.evalset = EvalSet(w[:, :-1].contiguous(), w[:, 1:].contiguous(), batch=4)
+    demo.evaluate(make(), "bf16", "trained")
+    demo.evaluate(make(), "bf16", "continued")
+    scheme = QuantSection(format="int4", group_size=32, scope="experts").scheme()
+    demo.evaluate(scheme.apply(make()), "int4-g32", "ptq")
+    assert ev.calls == ["bf16-trained", "int4-g32-ptq"]          # HF dir for bf16, the export else
+    rows = {(r.format, r.method): r for r in demo.rows}
+    assert "hf-bf16" not in rows[("bf16", "continued")].extra
+    for r in (rows[("bf16", "trained")], rows[("int4-g32", "ptq")]):
+        col = r.extra["hf-bf16"]
+        assert len(col["window_losses"]) == 12
+        assert col["loss"] != r.eval_loss and abs(col["loss"] - r.eval_loss) < 0.05   # bf16 compute
+    assign_deltas(demo.rows)
+    col, ref = rows[("int4-g32", "ptq")].extra["hf-bf16"], rows[("bf16", "trained")].extra["hf-bf16"]
+    assert col["delta"] == pytest.approx(col["loss"] - ref["loss"])
+    assert col["delta_lo"] <= col["delta"] <= col["delta_hi"]
+    table = format_table(demo.rows)
+    assert "hf-bf16 loss" in table.splitlines()[0] and "hf-bf16 Δ [95% CI]" in table.splitlines()[0]
+    assert f"{col['loss']:.4f}" in table
 
 
 def test_cli_rejects_bad_options_with_exit_code_2():

@@ -5,9 +5,10 @@ NVFP4 (+ ModelOpt INT4 AWQ and FP8 baselines) → export to compressed-tensors �
 with transformers → held-out loss, train-infer mismatch, ``summary.md`` / ``summary.json`` / plots.
 
 Modules: :mod:`.config` (:class:`DemoConfig`, model config, recipes), :mod:`.pipeline` (stages,
-:func:`run_demo`), :mod:`.evaluate` (both
-sides on the same tokens), :mod:`.baselines` (ModelOpt AWQ / FP8 on CPU), :mod:`.report` (table and
-plots). Entry point: ``tools/demo.py`` (``make demo DEMO_ARGS="--steps 1000"``).
+:func:`run_demo`), :mod:`.evaluate` (both sides on the same tokens; the extra-evaluator seam),
+:mod:`.baselines` (ModelOpt AWQ / FP8 on CPU), :mod:`.stats` (paired bootstrap intervals),
+:mod:`.compare` (which row against which, significance wording), :mod:`.report` (table and plots).
+Entry point: ``tools/demo.py`` (``make demo DEMO_ARGS="--steps 2400"``).
 """
 from int4_qat.demo.config import VARIANTS, DemoConfig, ci_config
 from int4_qat.demo.pipeline import DemoResult, run_demo

@@ -14,6 +14,13 @@ bf16 activations (the demo separately runs the export in bf16 to show that effec
 
 Loss = mean next-token cross entropy (nats) over every eval token. The train-infer mismatch uses
 the exporter's own metric (``int4_qat.export.consistency.compare_logits``) on both sides' logits.
+
+**Extra evaluators** (the seam for further consumers of the exports, e.g. llama.cpp serving a
+GGUF conversion): an object with a ``name`` (its table column), ``accepts(format, method)`` and
+``window_losses(export_dir, evalset) -> [n]`` per-window mean next-token losses (nats) on the
+same eval windows. :func:`int4_qat.demo.run_demo` takes a list of them; each result lands in
+``Row.extra[name]`` and the report adds a ``<name> loss`` / ``<name> Δ [95% CI]`` column pair,
+the Δ paired against the same evaluator's loss on the BF16 reference row (when it accepts it).
 """
 from __future__ import annotations
 
@@ -21,13 +28,15 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
     "EvalSet",
+    "ExtraEvaluator",
     "LogitStats",
     "megatron_logits",
     "served_logits",
@@ -57,6 +66,10 @@ class EvalSet:
     def num_tokens(self) -> int:
         return self.labels.numel()
 
+    def head(self, n: int) -> "EvalSet":
+        """The first ``n`` windows (all of them when ``n`` is larger)."""
+        return EvalSet(self.tokens[:n], self.labels[:n], self.batch)
+
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, self.tokens.shape[0], self.batch):
             yield self.tokens[i:i + self.batch], self.labels[i:i + self.batch]
@@ -76,6 +89,25 @@ class LogitStats:
     @property
     def ppl(self) -> float:
         return math.exp(self.loss)
+
+    def head(self, n: int) -> "LogitStats":
+        """The first ``n`` windows (matches :meth:`EvalSet.head`)."""
+        return LogitStats(self.logits[:n], self.target_logprobs[:n])
+
+
+class ExtraEvaluator(Protocol):
+    """A further evaluator of the exported checkpoints, shown as its own column (module docstring)."""
+
+    name: str
+
+    def accepts(self, fmt: str, method: str) -> bool:
+        """Whether this evaluator runs on the export of row ``(fmt, method)`` (``fmt`` is ``bf16``
+        for the unquantized HF checkpoints)."""
+        ...
+
+    def window_losses(self, export_dir: Path, evalset: EvalSet) -> torch.Tensor:
+        """Per-window mean next-token loss ``[n]`` in nats on ``evalset`` (same order)."""
+        ...
 
 
 def logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> LogitStats:
@@ -130,12 +162,20 @@ def served_logits(model, evalset: EvalSet) -> LogitStats:
     return logit_stats(torch.cat(outs), evalset.labels)
 
 
-def mismatch(train: LogitStats, served: LogitStats, evalset: EvalSet) -> dict[str, float]:
+def mismatch(train: LogitStats, served: LogitStats, evalset: EvalSet, chunk: int = 64) -> dict[str, float]:
     """Train-infer mismatch on the eval tokens, by the exporter's own metric
     (``int4_qat.export.consistency.compare_logits``: mean / max |Δ logprob| of the next token,
-    mean KL(train || served) over the vocabulary, in nats)."""
+    mean KL(train || served) over the vocabulary, in nats), ``chunk`` windows at a time (it works
+    in float64 on ``[n, seq, V]``: chunks bound the memory) and combined token-weighted."""
     from int4_qat.export.consistency import compare_logits
 
-    rep = compare_logits(train.logits, served.logits, evalset.tokens)
-    return {"mean_abs_dlogprob": rep.mean_abs_dlogprob, "max_abs_dlogprob": rep.max_abs_dlogprob,
-            "kl": rep.kl_mean}
+    n = evalset.tokens.shape[0]
+    if train.logits.shape[0] != n or served.logits.shape[0] != n:
+        raise ValueError(f"mismatch: logits of {train.logits.shape[0]} / {served.logits.shape[0]} "
+                         f"windows for an eval set of {n}")
+    reps = [compare_logits(train.logits[i:i + chunk], served.logits[i:i + chunk],
+                           evalset.tokens[i:i + chunk]) for i in range(0, n, chunk)]
+    total = sum(r.positions for r in reps)
+    return {"mean_abs_dlogprob": sum(r.mean_abs_dlogprob * r.positions for r in reps) / total,
+            "max_abs_dlogprob": max(r.max_abs_dlogprob for r in reps),
+            "kl": sum(r.kl_mean * r.positions for r in reps) / total}

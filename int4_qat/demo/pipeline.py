@@ -21,7 +21,9 @@ Stages (every number in the table is measured by this file's code, nothing is co
    INT4 / MXFP4 / NVFP4, reloaded with transformers + compressed-tensors, and evaluated there.
 5. **Train-infer mismatch**: training-side fake-quant forward (Megatron + ModelOpt) vs the reloaded
    export on the same eval tokens: mean/max |Δ logprob| and KL (:mod:`int4_qat.demo.evaluate`).
-6. **Report**: ``summary.md`` / ``summary.json`` / PNG plots (:mod:`int4_qat.demo.report`).
+6. **Report**: every Δ vs BF16 with a paired bootstrap interval over the eval windows
+   (:mod:`int4_qat.demo.compare`, :mod:`int4_qat.demo.stats`); ``summary.md`` / ``summary.json``
+   / PNG plots (:mod:`int4_qat.demo.report`).
 """
 from __future__ import annotations
 
@@ -32,14 +34,17 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from int4_qat.demo.config import VARIANTS, DemoConfig, build_recipe, write_model_config
 from int4_qat.demo.report import Curve, Row
 
-__all__ = ["DemoResult", "run_demo"]
+__all__ = ["DemoResult", "run_demo", "BF16_MISMATCH_WINDOWS"]
+
+#: eval windows (from the first) on which the export is also run in bf16 for the last table column
+BF16_MISMATCH_WINDOWS = 64
 
 
 @dataclass
@@ -49,26 +54,33 @@ class DemoResult:
     paths: dict[str, Path]
     meta: dict[str, Any]
     table: str
+    headlines: list[str]
 
 
 # ------------------------------------------------------------------------------- helpers
 class _Clock:
+    """Wall and CPU seconds per stage (CPU time of this process, all threads: on a shared machine
+    it is the better estimate of the wall time on a quiet one)."""
+
     def __init__(self, log: Callable[[str], None]):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         self.stages: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
         self._log = log
 
     def log(self, msg: str) -> None:
         self._log(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
 
     @contextlib.contextmanager
-    def stage(self, name: str):
-        t = time.perf_counter()
-        self.log(f"── {name}")
+    def stage(self, name: str, quiet: bool = False):
+        t, c = time.perf_counter(), time.process_time()
+        if not quiet:
+            self.log(f"── {name}")
         try:
             yield
         finally:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
+            self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - c, 2)
 
 
 def _free_port() -> int:
@@ -133,8 +145,9 @@ def _safetensors_bytes(export_dir: Path) -> tuple[int, int]:
 class _Demo:
     """State shared by the stages of one run (see :func:`run_demo`)."""
 
-    def __init__(self, cfg: DemoConfig, log: Callable[[str], None]):
+    def __init__(self, cfg: DemoConfig, log: Callable[[str], None], extra_evaluators: Sequence = ()):
         self.cfg, self.clock = cfg, _Clock(log)
+        self.extra_evaluators = list(extra_evaluators)   # evaluate.ExtraEvaluator objects
         self.rows: list[Row] = []
         self.curves: list[Curve] = []
         self.arch = self.evalset = self.calib = None
@@ -165,12 +178,23 @@ class _Demo:
 
     def evaluate(self, model, fmt: str, method: str, *, export: bool = True, note: str = "") -> Row:
         """Training-side eval of ``model``; then export (quantized variants), reload, eval, mismatch."""
-        from int4_qat.demo.evaluate import load_served_model, megatron_logits, mismatch, served_logits
+        with self.clock.stage("(part of the above) evaluate + export + reload, all rows", quiet=True):
+            row = self._evaluate(_inner(model), fmt, method, export=export, note=note)
+        self.rows.append(row)
+        self.log(f"{fmt:>9} {method:<9} eval loss {row.eval_loss:.4f} ({row.measured_on}); "
+                 f"train-side {row.train_side_loss:.4f}"
+                 + (f"; mean|Δlogp| {row.mean_abs_dlogprob:.2e}" if row.mean_abs_dlogprob is not None else ""))
+        gc.collect()
+        return row
 
-        model = _inner(model)
+    def _evaluate(self, model, fmt: str, method: str, *, export: bool, note: str) -> Row:
+        from int4_qat.demo.evaluate import load_served_model, megatron_logits, mismatch, served_logits
+        from int4_qat.demo.stats import window_losses
+
         train_stats = megatron_logits(model, self.evalset)
         row = Row(format=fmt, method=method, eval_loss=train_stats.loss, measured_on="training-side",
-                  train_side_loss=train_stats.loss, note=note)
+                  train_side_loss=train_stats.loss, note=note,
+                  window_losses=window_losses(train_stats.target_logprobs).tolist())
         if export:
             hf = self.save_hf(model, f"{fmt}-{method}")
             served_dir = hf
@@ -184,19 +208,27 @@ class _Demo:
                                   overwrite=True, progress=False)
             served, load_note = load_served_model(served_dir)
             served_stats = served_logits(served, self.evalset)
-            bf16_stats = served_logits(served.to(torch.bfloat16), self.evalset)
-            row.bf16_mean_abs_dlogprob = mismatch(train_stats, bf16_stats, self.evalset)["mean_abs_dlogprob"]
+            # the bf16-server column is a mean over tokens: BF16_MISMATCH_WINDOWS windows are plenty
+            sub = self.evalset.head(BF16_MISMATCH_WINDOWS)
+            bf16_stats = served_logits(served.to(torch.bfloat16), sub)
+            row.bf16_mean_abs_dlogprob = mismatch(train_stats.head(BF16_MISMATCH_WINDOWS), bf16_stats,
+                                                  sub)["mean_abs_dlogprob"]
             del served
             row.eval_loss, row.measured_on, row.export_dir = served_stats.loss, "export", str(served_dir)
+            row.window_losses = window_losses(served_stats.target_logprobs).tolist()
             row.checkpoint_bytes = _safetensors_bytes(served_dir)[1]
             for k, v in mismatch(train_stats, served_stats, self.evalset).items():
                 setattr(row, k, v)
             row.note = "; ".join(x for x in (row.note, load_note) if x)
-        self.rows.append(row)
-        self.log(f"{fmt:>9} {method:<9} eval loss {row.eval_loss:.4f} ({row.measured_on}); "
-                 f"train-side {row.train_side_loss:.4f}"
-                 + (f"; mean|Δlogp| {row.mean_abs_dlogprob:.2e}" if row.mean_abs_dlogprob is not None else ""))
-        gc.collect()
+            for ev in self.extra_evaluators:
+                if not ev.accepts(fmt, method):
+                    continue
+                with self.clock.stage(f"(part of the above) extra evaluator {ev.name}", quiet=True):
+                    wl = torch.as_tensor(ev.window_losses(served_dir, self.evalset), dtype=torch.float64)
+                    if wl.shape != (self.evalset.tokens.shape[0],):
+                        raise ValueError(f"extra evaluator {ev.name!r}: {tuple(wl.shape)} window "
+                                         f"losses for {self.evalset.tokens.shape[0]} eval windows")
+                    row.extra[ev.name] = {"loss": float(wl.mean()), "window_losses": wl.tolist()}
         return row
 
     # -- stages --------------------------------------------------------------------------
@@ -206,13 +238,17 @@ class _Demo:
         with self.clock.stage("1. train BF16 (fp32 master weights, Megatron-Core on CPU)"):
             tr = self.trainer("bf16", None, lr=cfg.lr, steps=cfg.steps)
             self.arch = tr.arch
-            self.log(f"data: {len(tr.train_ds)} train / {len(tr.eval_ds)} held-out windows of "
-                     f"{cfg.seq_length} tokens (system corpus, byte tokenizer); eval uses "
-                     f"{min(cfg.eval_samples, len(tr.eval_ds))}")
             from int4_qat.demo.evaluate import EvalSet
 
             ev = tr.eval_ds.samples[: cfg.eval_samples]
-            self.evalset = EvalSet(ev[:, :-1].contiguous(), ev[:, 1:].contiguous(), batch=cfg.micro_batch)
+            if ev.shape[0] < 2:
+                raise ValueError(f"only {ev.shape[0]} held-out window(s) of {cfg.seq_length} tokens: "
+                                 f"the bootstrap needs >= 2; lower --seq-length")
+            self.log(f"data: {len(tr.train_ds)} train / {len(tr.eval_ds)} held-out windows of "
+                     f"{cfg.seq_length} tokens (system corpus, byte tokenizer); eval uses {ev.shape[0]}")
+            # forward-only: larger batches than training amortise the per-call cost of the MoE layers
+            self.evalset = EvalSet(ev[:, :-1].contiguous(), ev[:, 1:].contiguous(),
+                                   batch=max(16, cfg.micro_batch))
             n_cal = cfg.calib_batches * cfg.micro_batch
             cal = tr.train_ds.samples[-n_cal:, :-1]      # training text (not the eval split)
             self.calib = [cal[i:i + cfg.micro_batch] for i in range(0, len(cal), cfg.micro_batch)]
@@ -271,15 +307,11 @@ class _Demo:
                 del tr
 
     def finish(self) -> DemoResult:
+        from int4_qat.demo.compare import assign_deltas, headlines
         from int4_qat.demo.report import format_table, write_report
 
-        ref = {m: r.eval_loss for r in self.rows if r.format == "bf16" for m in (r.method,)}
-        for r in self.rows:
-            if r.format == "bf16":
-                continue
-            key = "continued" if r.method == "qat" else "trained"
-            if key in ref:
-                r.delta_vs_bf16, r.reference = r.eval_loss - ref[key], f"bf16 {key}"
+        boot = {"resamples": self.cfg.bootstrap_resamples, "seed": self.cfg.seed}
+        assign_deltas(self.rows, **boot)
         order = {"bf16": 0, **{f: i + 1 for i, f in enumerate(VARIANTS)}, "int4-awq": 9, "fp8-e4m3": 10}
         morder = {"trained": 0, "continued": 1, "ptq": 2, "awq": 3, "qat": 4}
         self.rows.sort(key=lambda r: (order.get(r.format, 99), morder.get(r.method, 9)))
@@ -293,12 +325,15 @@ class _Demo:
                              "scope": cfg.scope, "seq length": cfg.seq_length,
                              "global batch": cfg.global_batch, "lr / continuation lr": f"{cfg.lr} / {cfg.qat_lr}",
                              "torch threads": cfg.threads},
+                "bootstrap": {**boot, "level": 0.95, "windows": self.evalset.tokens.shape[0],
+                              "unit": "eval window (paired: every model on the same windows)"},
                 "config": cfg.to_dict(), "wall_time_s": round(wall, 1),
-                "stage_seconds": self.clock.stages,
+                "stage_seconds": self.clock.stages, "stage_cpu_seconds": self.clock.cpu,
+                "cpu_time_s": round(time.process_time() - self.clock.c0, 1),
                 "versions": _versions()}
-        paths = write_report(cfg.out, self.rows, self.curves, meta)
-        table = format_table(self.rows)
-        return DemoResult(self.rows, self.curves, paths, meta, table)
+        heads = headlines(self.rows, **boot)
+        paths = write_report(cfg.out, self.rows, self.curves, meta, heads)
+        return DemoResult(self.rows, self.curves, paths, meta, format_table(self.rows), heads)
 
 
 def _versions() -> dict[str, str]:
@@ -312,8 +347,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
-    """Run every stage (see the module docstring) and write the report into ``cfg.out``."""
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print,
+             extra_evaluators: Sequence = ()) -> DemoResult:
+    """Run every stage (see the module docstring) and write the report into ``cfg.out``.
+    ``extra_evaluators``: :class:`int4_qat.demo.evaluate.ExtraEvaluator` objects, one table
+    column each (run on every exported checkpoint they accept)."""
     torch.set_num_threads(cfg.threads)
     import torch.distributed as dist
 
@@ -322,7 +360,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoResult:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
     cfg.out.mkdir(parents=True, exist_ok=True)
-    demo = _Demo(cfg, log)
+    demo = _Demo(cfg, log, extra_evaluators)
     demo.log(f"int4-qat demo -> {cfg.out} | formats {', '.join(cfg.formats)} | scope {cfg.scope}")
     demo.stage_train()
     demo.stage_ptq()

@@ -8,20 +8,26 @@ A :class:`Row` is one model that was evaluated: a format (``bf16``, ``int4-g32``
 ``ptq``       round-to-nearest post-training quantization of the *trained* model (fake quant, no
               further training);
 ``qat``       the trained model continued with the fake quantizer in the forward for the budget;
-``awq`` / ``rtn-fp8`` calibration-based and FP8 serving baselines.
+``awq``        the ModelOpt INT4 AWQ baseline (``fp8-e4m3`` / ``ptq``: the FP8 serving baseline).
 
 Columns: eval loss (held-out, measured on the *reloaded* export where one exists, otherwise on the
 training-side model -- the ``measured_on`` field says which), Δ vs BF16 (against the BF16 model the
-row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``), perplexity
+row is fairly compared with: ``ptq`` against ``trained``, ``qat`` against ``continued``; see
+:mod:`int4_qat.demo.compare`) with its 95 % paired-bootstrap interval over the eval windows and
+whether that interval excludes 0 (``signif.``; :mod:`int4_qat.demo.stats`), perplexity
 ``exp(loss)``, checkpoint bytes (unquantized tensors counted at bf16), and the train-infer
 mismatch between the training-side fake-quant forward (Megatron + ModelOpt, fp32) and the reloaded
 export: mean / max |Δ logprob| of the target tokens and the mean KL(train || served) over the
 vocabulary, with the export computing in fp32 (isolates the checkpoint) and, last column, the mean
 |Δ logprob| when the export computes in bf16 as a server would (adds bf16 activation rounding).
+Extra evaluators (``Row.extra``, :class:`int4_qat.demo.evaluate.ExtraEvaluator`) add a loss and a
+Δ column each.
 
 Plots use matplotlib's Agg backend (no display needed): ``loss_curves.png`` (training loss per step
 of the BF16 run and of every QAT continuation, PTQ eval losses as dashed levels),
-``eval_loss.png`` (per-format bars, PTQ vs QAT, BF16 reference lines) and ``checkpoint_size.png``.
+``eval_loss.png`` (per-format bars, PTQ vs QAT, BF16 reference lines; Δ with interval error bars)
+and ``checkpoint_size.png``. ``summary.json`` keeps every row's per-window losses, so every
+interval can be recomputed from it.
 """
 from __future__ import annotations
 
@@ -43,7 +49,7 @@ __all__ = [
     "plot_checkpoint_sizes",
     "write_report",
     "is_png",
-    "headlines",
+    "extra_columns",
 ]
 
 #: First 8 bytes of every PNG file (PNG spec, section 5.2).
@@ -60,6 +66,8 @@ class Row:
     measured_on: str = "export"          # "export" (reloaded checkpoint) | "training-side"
     train_side_loss: float | None = None  # Megatron (+ ModelOpt fake quant) eval loss
     delta_vs_bf16: float | None = None
+    delta_lo: float | None = None         # 95% paired-bootstrap interval of delta_vs_bf16
+    delta_hi: float | None = None
     reference: str | None = None          # which BF16 row delta_vs_bf16 is taken against
     checkpoint_bytes: int | None = None
     mean_abs_dlogprob: float | None = None
@@ -68,6 +76,17 @@ class Row:
     bf16_mean_abs_dlogprob: float | None = None   # export run in bf16 vs training side (fp32)
     export_dir: str | None = None
     note: str = ""
+    window_losses: list[float] | None = None      # per eval window, the side eval_loss is measured on
+    # extra evaluator columns (int4_qat.demo.evaluate.ExtraEvaluator): name -> {"loss",
+    # "window_losses", and after compare.assign_deltas "delta", "delta_lo", "delta_hi"}
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def significant(self) -> bool | None:
+        """Whether the Δ interval excludes 0 (None without an interval)."""
+        if self.delta_lo is None or self.delta_hi is None:
+            return None
+        return self.delta_lo > 0.0 or self.delta_hi < 0.0
 
     @property
     def ppl(self) -> float:
@@ -96,7 +115,7 @@ class Curve:
 
 
 # ------------------------------------------------------------------------------------ table
-_COLUMNS = ("format", "method", "eval loss", "Δ vs BF16", "ppl", "ckpt bytes",
+_COLUMNS = ("format", "method", "eval loss", "Δ vs BF16 [95% CI]", "signif.", "ppl", "ckpt bytes",
             "mean|Δlogp|", "max|Δlogp|", "KL", "mean|Δlogp| bf16")
 
 
@@ -108,34 +127,57 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec)
 
 
-def _cells(r: Row) -> list[str]:
+def _delta_cell(d: float | None, lo: float | None, hi: float | None) -> str:
+    if d is None:
+        return "—"
+    if lo is None or hi is None:
+        return _fmt(d, "+.4f")
+    return f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def extra_columns(rows: Sequence[Row]) -> list[str]:
+    """Names of the extra evaluator columns present on any row, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in r.extra))
+
+
+def _cells(r: Row, extra: Sequence[str]) -> list[str]:
     loss = _fmt(r.eval_loss, ".4f") + ("" if r.measured_on == "export" else "*")
-    return [r.format, r.method, loss, _fmt(r.delta_vs_bf16, "+.4f"), _fmt(r.ppl, ".3f"),
-            _fmt(r.checkpoint_bytes, ",d"), _fmt(r.mean_abs_dlogprob, ".2e"),
-            _fmt(r.max_abs_dlogprob, ".2e"), _fmt(r.kl, ".2e"), _fmt(r.bf16_mean_abs_dlogprob, ".2e")]
+    out = [r.format, r.method, loss, _delta_cell(r.delta_vs_bf16, r.delta_lo, r.delta_hi),
+           {True: "yes", False: "no", None: "—"}[r.significant], _fmt(r.ppl, ".3f"),
+           _fmt(r.checkpoint_bytes, ",d"), _fmt(r.mean_abs_dlogprob, ".2e"),
+           _fmt(r.max_abs_dlogprob, ".2e"), _fmt(r.kl, ".2e"), _fmt(r.bf16_mean_abs_dlogprob, ".2e")]
+    for name in extra:
+        c = r.extra.get(name, {})
+        out += [_fmt(c.get("loss"), ".4f"),
+                _delta_cell(c.get("delta"), c.get("delta_lo"), c.get("delta_hi"))]
+    return out
 
 
 def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """The summary table as aligned plain text (terminal) or as a GitHub markdown table."""
-    body = [_cells(r) for r in rows]
+    """The summary table as aligned plain text (terminal) or as a GitHub markdown table; one
+    ``<name> loss`` / ``<name> Δ`` column pair per extra evaluator."""
+    extra = extra_columns(rows)
+    heads = list(_COLUMNS) + [h for n in extra for h in (f"{n} loss", f"{n} Δ [95% CI]")]
+    body = [_cells(r, extra) for r in rows]
     if markdown:
-        esc = [h.replace("|", "\\|") for h in _COLUMNS]     # a bare | would split the cell
+        esc = [h.replace("|", "\\|") for h in heads]     # a bare | would split the cell
         lines = ["| " + " | ".join(esc) + " |",
-                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(_COLUMNS))) + "|"]
+                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(heads))) + "|"]
         lines += ["| " + " | ".join(c) + " |" for c in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
-              for i, h in enumerate(_COLUMNS)]
+              for i, h in enumerate(heads)]
     def line(cells):
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [line(_COLUMNS), "  ".join("-" * w for w in widths)]
+    out = [line(heads), "  ".join("-" * w for w in widths)]
     out += [line(c) for c in body]
     return "\n".join(out)
 
 
 def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[str, Any],
-                  curves: Sequence[Curve] = ()) -> tuple[Path, Path]:
-    """Write ``summary.md`` and ``summary.json`` into ``out_dir``; returns both paths."""
+                  curves: Sequence[Curve] = (), headlines: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``summary.md`` and ``summary.json`` into ``out_dir``; returns both paths.
+    ``headlines``: the summary lines (:func:`int4_qat.demo.compare.headlines`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# int4-qat demo — {meta.get('title', 'PTQ vs QAT on a tiny Qwen3-MoE')}", ""]
@@ -146,51 +188,41 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "nats, measured on the checkpoint reloaded from disk with transformers "
            "(+ compressed-tensors); `*` = measured on the training-side model (no export of that "
            "kind). Δ vs BF16: PTQ rows against the trained BF16 model they were quantized from, "
-           "QAT rows against the BF16 model continued for the same token budget. "
+           "QAT rows against the BF16 model continued for the same token budget; in brackets its "
+           f"95% paired-bootstrap interval over the eval windows{_bootstrap_text(meta)}; "
+           "signif. = the interval excludes 0. "
            "mean/max |Δlogp| and KL: training-side fake-quant forward (Megatron-Core + ModelOpt) vs "
            "the reloaded export computing in fp32, on the eval tokens; last column: the export "
-           "computing in bf16 (a server's activation precision). ckpt bytes: safetensors payload with every "
+           "computing in bf16 (a server's activation precision), on the first 64 eval windows. A max "
+           "|Δlogp| far above the mean comes from single tokens whose top-k expert routing is a "
+           "near-tie (two router probabilities within ~1e-8) that the two fp32 forwards resolve "
+           "differently. ckpt bytes: safetensors payload with every "
            "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
            "so that the reload reproduces the fp32 training-side forward exactly.", ""]
-    heads = headlines(rows)
-    if heads:
-        md += ["Headlines (computed from the table):", *[f"- {h}" for h in heads], ""]
+    if headlines:
+        md += ["Headlines (computed from the table):", *[f"- {h}" for h in headlines], ""]
     notes = [f"- {r.format} / {r.method}: {r.note}" for r in rows if r.note]
     if notes:
         md += ["Notes:", *notes, ""]
     md += ["![loss curves](loss_curves.png)", "", "![eval loss](eval_loss.png)", "",
            "![checkpoint size](checkpoint_size.png)", ""]
-    for k in ("wall_time_s", "stage_seconds"):
+    for k in ("wall_time_s", "cpu_time_s", "stage_seconds", "stage_cpu_seconds"):
         if k in meta:
             md.append(f"- {k}: {json.dumps(meta[k])}")
     md_path = out / "summary.md"
     md_path.write_text("\n".join(md) + "\n")
-    js = {"meta": meta, "rows": [r.to_dict() for r in rows],
+    js = {"meta": meta, "headlines": list(headlines), "rows": [r.to_dict() for r in rows],
           "curves": [asdict(c) for c in curves]}
     js_path = out / "summary.json"
     js_path.write_text(json.dumps(js, indent=2, default=_json_default) + "\n")
     return md_path, js_path
 
 
-def headlines(rows: Sequence[Row]) -> list[str]:
-    """One line per format with both a PTQ and a QAT row: the two Δ vs BF16 and how much of the
-    PTQ loss gap QAT closes (1 - Δqat / Δptq), plus the largest train-infer mismatch."""
-    by = {(r.format, r.method): r for r in rows}
-    out = []
-    for f in dict.fromkeys(r.format for r in rows):
-        p, q = by.get((f, "ptq")), by.get((f, "qat"))
-        if p is None or q is None or p.delta_vs_bf16 is None or q.delta_vs_bf16 is None:
-            continue
-        line = f"{f}: PTQ Δ {p.delta_vs_bf16:+.4f}, QAT Δ {q.delta_vs_bf16:+.4f} nats vs BF16"
-        if p.delta_vs_bf16 > 1e-3:   # a gap worth a percentage
-            line += f" (QAT closes {100 * (1 - q.delta_vs_bf16 / p.delta_vs_bf16):.0f}% of the PTQ gap)"
-        out.append(line)
-    mm = [r for r in rows if r.max_abs_dlogprob is not None]
-    if mm:
-        worst = max(mm, key=lambda r: r.max_abs_dlogprob)
-        out.append(f"largest train-infer |Δ logprob|: {worst.max_abs_dlogprob:.2e} "
-                   f"({worst.format} {worst.method}; mean {worst.mean_abs_dlogprob:.2e})")
-    return out
+def _bootstrap_text(meta: dict[str, Any]) -> str:
+    b = meta.get("bootstrap")
+    if not b:
+        return ""
+    return f" ({b['resamples']} resamples of the {b['windows']} windows, seed {b['seed']})"
 
 
 def _json_default(o: Any) -> Any:
@@ -270,7 +302,9 @@ def _moving_average(xs: Sequence[float], k: int) -> list[float]:
 def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     """Two panels of per-format bars, one bar per method (PTQ, QAT, baselines): the held-out eval
     loss (BF16 levels as lines) and the Δ vs BF16 (the cost of quantization: PTQ against the
-    model it quantized, QAT against BF16 trained for the same extra tokens)."""
+    model it quantized, QAT against BF16 trained for the same extra tokens) with its 95%
+    paired-bootstrap interval as an error bar; a Δ whose interval covers 0 is drawn hatched and
+    pale ("within noise")."""
     plt = _pyplot()
     quant = [r for r in rows if r.format != "bf16"]
     if not quant:
@@ -279,16 +313,31 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     methods = list(dict.fromkeys(r.method for r in quant))
     width = 0.8 / len(methods)
     fig, (ax, axd) = plt.subplots(1, 2, figsize=(14, 5), dpi=110)
-    for panel, key, fmt in ((ax, "eval_loss", "%.4f"), (axd, "delta_vs_bf16", "%+.4f")):
-        for j, m in enumerate(methods):
-            xs, ys = [], []
-            for i, f in enumerate(formats):
-                r = next((r for r in quant if r.format == f and r.method == m), None)
-                if r is not None and getattr(r, key) is not None:
-                    xs.append(i - 0.4 + width * (j + 0.5))
-                    ys.append(getattr(r, key))
-            bars = panel.bar(xs, ys, width=width * 0.95, label=m, color=f"C{j}")
-            panel.bar_label(bars, fmt=fmt, fontsize=6, rotation=90, padding=2)
+    for j, m in enumerate(methods):
+        cells = [(i - 0.4 + width * (j + 0.5), r) for i, f in enumerate(formats)
+                 for r in quant if r.format == f and r.method == m]
+        bars = ax.bar([x for x, _ in cells], [r.eval_loss for _, r in cells], width=width * 0.95,
+                      label=m, color=f"C{j}")
+        ax.bar_label(bars, fmt="%.4f", fontsize=6, rotation=90, padding=2)
+        cells = [(x, r) for x, r in cells if r.delta_vs_bf16 is not None]
+        if not cells:
+            continue
+        err = [[r.delta_vs_bf16 - (r.delta_lo if r.delta_lo is not None else r.delta_vs_bf16)
+                for _, r in cells],
+               [(r.delta_hi if r.delta_hi is not None else r.delta_vs_bf16) - r.delta_vs_bf16
+                for _, r in cells]]
+        bars = axd.bar([x for x, _ in cells], [r.delta_vs_bf16 for _, r in cells],
+                       width=width * 0.95, color=f"C{j}", yerr=err, capsize=3,
+                       error_kw={"elinewidth": 0.9})
+        for b, (_, r) in zip(bars, cells):
+            if r.significant is False:
+                b.set_alpha(0.45)
+                b.set_hatch("//")
+        for x, r in cells:      # the value above the whisker, where the error bar cannot hide it
+            top = max(r.delta_vs_bf16, r.delta_hi if r.delta_hi is not None else r.delta_vs_bf16, 0.0)
+            axd.annotate(f"{r.delta_vs_bf16:+.4f}", (x, top), xytext=(0, 3), textcoords="offset points",
+                         ha="center", va="bottom", rotation=90, fontsize=6)
+    for panel in (ax, axd):
         panel.set_xticks(range(len(formats)), formats)
         panel.grid(axis="y", alpha=0.3)
     for k, r in enumerate(r for r in rows if r.format == "bf16"):
@@ -297,17 +346,22 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     losses = [r.eval_loss for r in rows if math.isfinite(r.eval_loss)]
     lo, hi = min(losses), max(losses)
     ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-3) - 0.05), hi + 0.35 * (hi - lo + 1e-3) + 0.02)
-    deltas = [r.delta_vs_bf16 for r in quant if r.delta_vs_bf16 is not None]
-    if deltas:
-        span = max(max(deltas), 0.0) - min(min(deltas), 0.0) + 1e-4
-        axd.set_ylim(min(min(deltas), 0.0) - 0.15 * span, max(max(deltas), 0.0) + 0.35 * span)
+    ends = [v for r in quant if r.delta_vs_bf16 is not None
+            for v in (r.delta_vs_bf16, r.delta_lo, r.delta_hi) if v is not None]
+    if ends:
+        span = max(max(ends), 0.0) - min(min(ends), 0.0) + 1e-4
+        axd.set_ylim(min(min(ends), 0.0) - 0.1 * span, max(max(ends), 0.0) + 0.3 * span)
     axd.axhline(0.0, color="k", linewidth=0.8)
     ax.set_ylabel("held-out eval loss (reloaded export; * rows training-side)")
-    axd.set_ylabel("Δ eval loss vs BF16 (nats / token)")
+    axd.set_ylabel("Δ eval loss vs BF16 (nats / token), 95% interval")
     ax.set_title("Eval loss per format", fontsize=10)
     axd.set_title("Cost of quantization: PTQ vs trained BF16, QAT vs BF16 continued", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
-    axd.legend(fontsize=7, loc="upper right")
+    from matplotlib.patches import Patch   # explicit handles: a hatched first bar must not set the key
+
+    handles = [Patch(color=f"C{j}", label=m) for j, m in enumerate(methods)]
+    handles.append(Patch(facecolor="lightgray", hatch="//", label="interval covers 0"))
+    axd.legend(handles=handles, fontsize=7, loc="upper right")
     return _save(fig, path, plt)
 
 
@@ -353,10 +407,10 @@ def is_png(path: str | os.PathLike) -> bool:
 
 
 def write_report(out_dir: str | os.PathLike, rows: Sequence[Row], curves: Sequence[Curve],
-                 meta: dict[str, Any]) -> dict[str, Path]:
+                 meta: dict[str, Any], headlines: Sequence[str] = ()) -> dict[str, Path]:
     """Everything at once: summary.md/json and the three plots; returns the written paths."""
     out = Path(out_dir)
-    md, js = write_summary(out, rows, meta, curves)
+    md, js = write_summary(out, rows, meta, curves, headlines)
     ptq = {r.format: r.eval_loss for r in rows if r.method == "ptq"}
     paths = {"summary.md": md, "summary.json": js,
              "loss_curves.png": plot_loss_curves(out / "loss_curves.png", curves, ptq),
