@@ -16,7 +16,12 @@ Rules (the schema is in docs/DESIGN.md §4):
 
 * Every section is a pydantic v2 model with ``extra="forbid"``: a misspelt key is an error, never
   a silently used default. Integers and booleans are strict (``tp: "4"`` or ``tp: 4.5`` is an
-  error); floats accept numeric strings because PyYAML reads ``1e-3`` (no dot) as a string.
+  error); floats accept numeric strings because PyYAML reads ``1e-3`` (no dot) as a string, and
+  must be finite (``lr: .inf`` / ``.nan`` are errors).
+* The YAML is read defensively (:func:`load_yaml`): UTF-8 text only, at most 1 MiB, a key given
+  twice in one mapping is an error (YAML would silently keep the last), and anchors / aliases may
+  not expand the document beyond :data:`MAX_YAML_NODES` nodes (an alias "bomb" is refused in
+  linear time instead of hanging); error messages quote at most a short prefix of a bad value.
 * :meth:`Recipe.load` turns pydantic's errors into one :class:`RecipeError` (a ``ValueError``)
   whose lines name the file, the dotted key (``parallel.tp``) and the allowed values or keys.
 * Relative paths (model dirs, data, checkpoint and export dirs) are resolved against the
@@ -29,7 +34,9 @@ Rules (the schema is in docs/DESIGN.md §4):
   ``amax/7.5`` as compressed-tensors); MXFP4 has block 32 and NVFP4 block 16 fixed by the formats
   and take no scale rule.
 
-This module checks one recipe's own consistency only. Layout-versus-world-size, group-versus-TP
+This module checks one recipe's own consistency only; :meth:`Recipe.missing_inputs` lists the input
+paths (model checkpoint, tokenizer, data) that do not exist on this machine, which
+``tools/launch.py`` reports on ``check`` and refuses on ``train`` / ``slurm``. Layout-versus-world-size, group-versus-TP
 shard and serving limits need the model's config.json and live in :mod:`int4_qat.planner` /
 ``tools/launch.py check``.
 """
@@ -48,7 +55,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valid
 __all__ = [
     "REPO_ROOT", "SYSTEM_DATA", "RecipeError", "QuantFormatName", "QuantScope", "ScaleRule",
     "Precision", "ModelSection", "ParallelSection", "QuantSection", "TrainSection",
-    "ExportSection", "SlurmSection", "Recipe", "resolve_path",
+    "ExportSection", "SlurmSection", "Recipe", "resolve_path", "load_yaml", "MAX_YAML_NODES",
+    "MAX_RECIPE_BYTES",
 ]
 
 #: The repository root: relative paths in recipes are resolved against it.
@@ -96,7 +104,8 @@ def resolve_path(p: str | os.PathLike, root: Path = REPO_ROOT) -> Path:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
+                              allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -341,16 +350,7 @@ class Recipe(_Section):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         """Read and validate ``path`` (a recipe YAML, or a saved ``recipe.yaml``)."""
-        p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise RecipeError(f"{p}: cannot read recipe: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(p))
+        return cls.from_dict(load_yaml(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict with every default filled in and every path absolute."""
@@ -361,11 +361,138 @@ class Recipe(_Section):
         ``Recipe.from_dict(yaml.safe_load(r.to_yaml()))`` equals ``r``."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
+    def missing_inputs(self) -> list[str]:
+        """``"<key>: <path> does not exist"`` for every input path absent on this machine
+        (``model.checkpoint``, ``model.tokenizer``, each ``train.data`` entry). ``model.config``
+        is not listed: without it nothing can be checked (``model.hf_config()`` raises)."""
+        out = []
+        for key, p in (("model.checkpoint", self.model.checkpoint), ("model.tokenizer", self.model.tokenizer)):
+            if p is not None and not p.exists():
+                out.append(f"{key}: {p} does not exist")
+        for i, d in enumerate(self.train.data):
+            if d != SYSTEM_DATA and not Path(d).exists():
+                out.append(f"train.data[{i}]: {d} does not exist")
+        return out
+
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.to_yaml())
         return p
+
+
+#: A recipe is a few dozen YAML nodes; anchors/aliases may not expand it beyond this.
+MAX_YAML_NODES = 100_000
+#: A recipe file is a few KiB; anything larger is not a recipe (and is not read into memory).
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (explicit keys only: a
+    key overriding one merged in with ``<<: *anchor`` is what merge keys are for)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:                       # unhashable key: SafeLoader reports it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice in one mapping (first on line "
+                        f"{first.line + 1}); YAML would silently keep the last: remove one",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_nodes(root) -> int:
+    """Nodes of the document with every alias expanded, computed in time linear in the *distinct*
+    nodes (memoised), so a billion-laughs document is measured, not expanded."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(n) -> int:
+        k = id(n)
+        if k in sizes:
+            return sizes[k]
+        if k in active:
+            raise ValueError("an alias refers to a node that contains it (recursive YAML)")
+        active.add(k)
+        if isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(a) + size(b) for a, b in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(c) for c in n.value)
+        else:
+            total = 1
+        active.discard(k)
+        sizes[k] = min(total, MAX_YAML_NODES + 1)
+        return sizes[k]
+
+    return size(root)
+
+
+def load_yaml(path: str | os.PathLike) -> Any:
+    """Parse a recipe file defensively (see the module docstring); ``RecipeError`` names the file,
+    and the line for YAML problems."""
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise RecipeError(f"{p}: {'is not a regular file' if p.exists() else 'does not exist'}; "
+                              f"fix: give the path of a recipe YAML (recipes/<name>.yaml)")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read recipe: {e.strerror}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{p}: more than {MAX_RECIPE_BYTES} bytes: not a recipe (a recipe is a "
+                          f"few KiB of YAML); fix: check the path")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecipeError(f"{p}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                          f"{e.start}); fix: save the recipe as UTF-8") from None
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_nodes(node)
+        if n > MAX_YAML_NODES:
+            raise RecipeError(f"{p}: anchors/aliases expand the YAML to more than {MAX_YAML_NODES} "
+                              f"nodes (an alias bomb?); fix: write the recipe without nested aliases")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: {_yaml_error(e)}") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: YAML nested too deeply; fix: a recipe is a few flat sections") from None
+    except ValueError as e:
+        if isinstance(e, RecipeError):
+            raise
+        raise RecipeError(f"{p}: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """``line L, column C: <problem>`` from PyYAML's marked errors."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+    if mark is None or not what:
+        return "not valid YAML: " + " ".join(str(e).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {what}"
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters (a bad value may be huge)."""
+    r = repr(v) if not isinstance(v, (dict, list)) or len(v) < 50 else f"<{type(v).__name__} of {len(v)} items>"
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
@@ -400,6 +527,6 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 lines.append(f"{source}: {msg}")
                 continue
         else:
-            msg = f"{msg} (got {e.get('input')!r})"
+            msg = f"{msg} (got {_short(e.get('input'))})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
