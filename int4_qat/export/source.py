@@ -189,11 +189,11 @@ def check_structure(root: str, tensors: list[TensorInfo], limit: int = 8) -> Non
 
     arch = load_arch(root)
     present = {t.name: (t.dtype, t.shape) for t in tensors}
-    problems = expected_hf_tensors(arch).problems(present, root, limit=limit)
+    problems = expected_hf_tensors(arch).problems(present, "", limit=limit)
     if problems:
-        raise ValueError(f"{root}: the tensors do not match config.json ({len(problems)} problem(s)); "
-                         f"fix: use the checkpoint's own config.json, or repair the checkpoint:\n  "
-                         + "\n  ".join(problems))
+        raise ValueError(f"{root}: the tensors do not match its config.json:\n  "
+                         + "\n  ".join(p.removeprefix(": ") for p in problems)
+                         + "\nfix: use the checkpoint's own config.json, or repair the checkpoint")
 
 
 def open_hf_source(root: str, *, structure: bool = True) -> HFSource:
