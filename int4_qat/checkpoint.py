@@ -191,15 +191,25 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer=Non
             _write_atomic(ckpt_dir / LATEST, final.name + "\n")
             for stale in ckpt_dir.glob("iter_*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-    except Exception as e:
+    except BaseException as e:     # torch DCP's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
         err = _os_error_in(e)
-        if err is None:
-            raise                               # not a filesystem error: leave the .tmp to inspect
+        writer = type(e).__name__ == "CheckpointException"   # torch DCP's writer (maybe a subprocess)
+        if err is None and not writer:
+            raise                               # not a write failure: leave the .tmp to inspect
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)   # free the space; latest is unchanged
-        raise OSError(err.errno, f"saving checkpoint step {step} failed: {err.strerror or err} "
-                                 f"(nothing was kept; {ckpt_dir / LATEST} still names the last complete "
-                                 f"checkpoint)", str(err.filename or tmp)) from e
+        kept = f"nothing was kept; {ckpt_dir / LATEST} still names the last complete checkpoint"
+        if err is not None:
+            raise OSError(err.errno, f"saving checkpoint step {step} failed: {err.strerror or err} ({kept})",
+                          str(err.filename or tmp)) from e
+        # the async writer reports a failed write as text, without the errno
+        first = next((ln.strip() for ln in str(e).splitlines() if "Error" in ln and "Traceback" not in ln),
+                     str(e).splitlines()[0] if str(e) else "")
+        raise OSError(None, f"saving checkpoint step {step} failed in torch's checkpoint writer ({first}; "
+                            f"{kept}); fix: check free space, quota, file-size limit (ulimit -f) and "
+                            f"permissions there", str(tmp)) from e
     _barrier()
     return final
 

@@ -195,7 +195,13 @@ class Trainer:
         # 6. resume
         self.step = 0
         if self.resume_dir is not None:
+            # the optimizer state restores each param group's max_lr / min_lr from the checkpoint;
+            # keep this recipe's (see int4_qat/resume.py: the schedule may change on resume)
+            fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in self.optimizer.param_groups]
             st = ckpt.load_checkpoint(self.resume_dir, self.model, self.optimizer, self.scheduler, log=self.log)
+            for g, f in zip(self.optimizer.param_groups, fresh):
+                g.update(f)
+            self.scheduler.step(increment=0)
             self.step = st["step"]
             self.init_source = ckpt.read_train_state(st["iter_dir"]).get("init_source")
             if st["consumed_samples"] != self.sampler.consumed_samples(self.step):
