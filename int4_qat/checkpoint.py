@@ -200,13 +200,14 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer=Non
             raise                               # not a write failure: leave the .tmp to inspect
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)   # free the space; latest is unchanged
-        kept = f"nothing was kept; {ckpt_dir / LATEST} still names the last complete checkpoint"
+        kept = f"nothing was kept; {ckpt_dir / LATEST} still names the last complete checkpoint, if any"
         if err is not None:
             raise OSError(err.errno, f"saving checkpoint step {step} failed: {err.strerror or err} ({kept})",
                           str(err.filename or tmp)) from e
         # the async writer reports a failed write as text, without the errno
-        first = next((ln.strip() for ln in str(e).splitlines() if "Error" in ln and "Traceback" not in ln),
-                     str(e).splitlines()[0] if str(e) else "")
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+        first = errs[-1] if errs else (lines[0] if lines else type(e).__name__)
         raise OSError(None, f"saving checkpoint step {step} failed in torch's checkpoint writer ({first}; "
                             f"{kept}); fix: check free space, quota, file-size limit (ulimit -f) and "
                             f"permissions there", str(tmp)) from e
