@@ -164,7 +164,7 @@ def read_torchelastic_error(path: str) -> tuple[int, str] | None:
         with open(path) as f:
             data = json.load(f)
         msg = data["message"]
-        line, code = msg["message"], int(data.get("errorCode", 1))
+        line, code = msg["message"], int(msg.get("errorCode", data.get("errorCode", 1)))
         if not isinstance(line, str) or "(exit " not in msg["extraInfo"]["py_callstack"]:
             return None
         return code, line
@@ -192,9 +192,11 @@ def run_cli(fn: Callable[[], int | None], prog: str, argv: Sequence[str] | None 
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
         if distributed:
-            _write_torchelastic_error(line, code)
             if rank != 0 and code != EXIT_INTERRUPTED:
-                time.sleep(2.0)   # let rank 0 (which printed) be torchrun's root cause
+                # torchrun's root cause is the failure with the earliest error-file timestamp
+                # (whole seconds): let rank 0, the one that printed, be it
+                time.sleep(2.0)
+            _write_torchelastic_error(line, code)
         return code
 
 
