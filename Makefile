@@ -46,6 +46,7 @@ bench: $(STAMP) ## benchmarks under bench/ (ratios measured side by side)
 	$(PY) bench/bench_fake_quant.py
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_qat_step.py
+	$(PY) bench/bench_checksums.py
 
 check-recipes: $(STAMP) ## validate every recipes/*.yaml (schema, layout, group/shard, Marlin serving limits)
 	$(PY) tools/launch.py check recipes/*.yaml
