@@ -5,6 +5,7 @@ tensor / field, nothing written, the source byte-identical afterwards.
 """
 import importlib.util
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -279,3 +280,20 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(src, tmp_path, kind):
     assert err[0].startswith("export: error: ") and f"({errno_name})" in err[0] and str(parent) in err[0]
     assert "fix:" in err[0] and "Traceback" not in p.stderr
     assert os.listdir(parent) == []                               # nothing partial left
+
+
+# ------------------------------------------------------------------ the same check on training import
+@pytest.mark.parametrize("kind", ["extra expert", "int8 in scope"])
+def test_training_import_refuses_what_the_config_does_not_imply(src, tmp_path, kind):
+    """model.checkpoint / --init-from HF import: an expert beyond num_experts was ignored and an
+    int8 tensor silently cast; both are refused now, naming the tensor."""
+    from int4_qat.arch import build_model, import_hf_checkpoint, load_arch
+    from int4_qat.compat import cpu as C
+
+    C.init_single_process_gloo()
+    fn, expect = BROKEN[kind]
+    d = _copy(src, tmp_path / "model")
+    _rewrite(d, E, fn)
+    arch = load_arch(d)
+    with pytest.raises(ValueError, match=re.escape(expect)):
+        import_hf_checkpoint(build_model(arch, use_te=False), arch, d)

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from int4_qat.demo import DemoConfig, ci_config, run_demo
 
     kw = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "verbose")}
+          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "verbose", "debug")}
     if a.formats:
         kw["formats"] = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     if a.no_baselines:

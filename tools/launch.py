@@ -107,7 +107,10 @@ def check(paths: list[str]) -> int:
     return 1 if bad else 0
 
 
-def _load_checked(path: str, cpu: bool = False) -> Recipe:
+def _load_checked(path: str, cpu: bool = False, inputs: bool = True) -> Recipe:
+    """The recipe if it passes check_recipe (else the problems and exit 1); ``inputs``: also
+    refuse input paths missing on this machine (train / slurm; not export, which reads the
+    trained checkpoint only)."""
     from int4_qat.planner import check_recipe
     problems = check_recipe(path, cpu=cpu)
     if problems:
@@ -116,7 +119,7 @@ def _load_checked(path: str, cpu: bool = False) -> Recipe:
               file=sys.stderr)
         raise SystemExit(1)
     r = Recipe.load(path)
-    missing = _missing_inputs(path)
+    missing = _missing_inputs(path) if inputs else []
     if missing and _dry_run():
         for m in missing:
             print(f"note: {m} here (a real launch refuses it)", file=sys.stderr)
@@ -326,7 +329,7 @@ def export_commands(r: Recipe, recipe_path: str, extra: list[str]) -> list[list[
 
 
 def export(path: str, extra: list[str]) -> int:
-    r = _load_checked(path)
+    r = _load_checked(path, inputs=False)
     ckpt = r.train.checkpoint_dir
     if not _dry_run() and not (ckpt / "latest").is_file():
         print(f"{path}: train.checkpoint_dir {ckpt} has no 'latest' checkpoint yet; train first: "

@@ -134,8 +134,22 @@ class HFCheckpointReader:
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except Exception as e:   # safetensors' own error types: truncated / corrupt header
+                raise ValueError(f"{path}: not a readable safetensors file ({e}); fix: restore the "
+                                 f"checkpoint's shard") from None
         return self._handles[path]
+
+    def metadata(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{name: (dtype, shape)}`` of every tensor, from the shard headers (nothing is read)."""
+        from int4_qat.export.source import _DTYPES
+
+        out = {}
+        for name, path in self._files.items():
+            sl = self._handle(path).get_slice(name)
+            out[name] = (_DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
+        return out
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.file_of(name)).get_slice(name).get_shape())
@@ -325,6 +339,17 @@ def import_hf_checkpoint(model, arch: Arch, hf_dir: str | os.PathLike) -> dict:
         if stray:
             raise ValueError(f"{hf_dir}: checkpoint tensor(s) {sorted(stray)[:8]} match no "
                              f"{arch.model_type} mapping rule (is config.json from this checkpoint?)")
+        # what the per-tensor loop below cannot see (headers only, before anything is loaded): an
+        # expert / layer beyond the config's counts, an integer tensor (it would be cast silently).
+        # Missing and mis-shaped tensors are reported by the loop, naming the Megatron target.
+        from int4_qat.arch.expected import expected_hf_tensors
+
+        problems = [p for p in expected_hf_tensors(arch).problems(reader.metadata(), str(hf_dir))
+                    if "is missing" not in p and "has shape" not in p]
+        if problems:
+            raise ValueError(f"{hf_dir}: the checkpoint does not match the model's config.json:\n  "
+                             + "\n  ".join(p.removeprefix(f"{hf_dir}: ") for p in problems)
+                             + "\nfix: use the checkpoint that belongs to model.config, or repair it")
         n_read = 0
         for s in slots:
             names = s.rule.hf_names(s.layer, s.expert)
