@@ -18,10 +18,11 @@ Rules (the schema is in docs/DESIGN.md §4):
   a silently used default. Integers and booleans are strict (``tp: "4"`` or ``tp: 4.5`` is an
   error); floats accept numeric strings because PyYAML reads ``1e-3`` (no dot) as a string, and
   must be finite (``lr: .inf`` / ``.nan`` are errors).
-* The YAML is read defensively (:func:`load_yaml`): UTF-8 text only, at most 1 MiB, a key given
-  twice in one mapping is an error (YAML would silently keep the last), and anchors / aliases may
-  not expand the document beyond :data:`MAX_YAML_NODES` nodes (an alias "bomb" is refused in
-  linear time instead of hanging); error messages quote at most a short prefix of a bad value.
+* The YAML is read defensively (:func:`int4_qat.recipe_yaml.load_yaml`): UTF-8 text only, at
+  most 1 MiB, a key given twice in one mapping is an error (YAML would silently keep the last),
+  and anchors / aliases may not expand the document beyond 100 000 nodes (an alias "bomb" is
+  refused in linear time instead of hanging); error messages quote at most a short prefix of a
+  bad value.
 * :meth:`Recipe.load` turns pydantic's errors into one :class:`RecipeError` (a ``ValueError``)
   whose lines name the file, the dotted key (``parallel.tp``) and the allowed values or keys.
 * Relative paths (model dirs, data, checkpoint and export dirs) are resolved against the
@@ -51,6 +52,8 @@ from typing import Any
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
+
+from int4_qat.recipe_yaml import MAX_RECIPE_BYTES, MAX_YAML_NODES, load_yaml
 
 __all__ = [
     "REPO_ROOT", "SYSTEM_DATA", "RecipeError", "QuantFormatName", "QuantScope", "ScaleRule",
@@ -350,7 +353,11 @@ class Recipe(_Section):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         """Read and validate ``path`` (a recipe YAML, or a saved ``recipe.yaml``)."""
-        return cls.from_dict(load_yaml(path), source=str(path))
+        try:
+            data = load_yaml(path)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict with every default filled in and every path absolute."""
@@ -379,114 +386,6 @@ class Recipe(_Section):
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.to_yaml())
         return p
-
-
-#: A recipe is a few dozen YAML nodes; anchors/aliases may not expand it beyond this.
-MAX_YAML_NODES = 100_000
-#: A recipe file is a few KiB; anything larger is not a recipe (and is not read into memory).
-MAX_RECIPE_BYTES = 1 << 20
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key given twice in one mapping (explicit keys only: a
-    key overriding one merged in with ``<<: *anchor`` is what merge keys are for)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, Any] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:                       # unhashable key: SafeLoader reports it
-                    continue
-                if first is not None:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} is given twice in one mapping (first on line "
-                        f"{first.line + 1}); YAML would silently keep the last: remove one",
-                        key_node.start_mark)
-                seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep)
-
-
-def _expanded_nodes(root) -> int:
-    """Nodes of the document with every alias expanded, computed in time linear in the *distinct*
-    nodes (memoised), so a billion-laughs document is measured, not expanded."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(n) -> int:
-        k = id(n)
-        if k in sizes:
-            return sizes[k]
-        if k in active:
-            raise ValueError("an alias refers to a node that contains it (recursive YAML)")
-        active.add(k)
-        if isinstance(n, yaml.MappingNode):
-            total = 1 + sum(size(a) + size(b) for a, b in n.value)
-        elif isinstance(n, yaml.SequenceNode):
-            total = 1 + sum(size(c) for c in n.value)
-        else:
-            total = 1
-        active.discard(k)
-        sizes[k] = min(total, MAX_YAML_NODES + 1)
-        return sizes[k]
-
-    return size(root)
-
-
-def load_yaml(path: str | os.PathLike) -> Any:
-    """Parse a recipe file defensively (see the module docstring); ``RecipeError`` names the file,
-    and the line for YAML problems."""
-    p = Path(path)
-    try:
-        if not p.is_file():
-            raise RecipeError(f"{p}: {'is not a regular file' if p.exists() else 'does not exist'}; "
-                              f"fix: give the path of a recipe YAML (recipes/<name>.yaml)")
-        with open(p, "rb") as f:
-            raw = f.read(MAX_RECIPE_BYTES + 1)
-    except OSError as e:
-        raise RecipeError(f"{p}: cannot read recipe: {e.strerror}") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{p}: more than {MAX_RECIPE_BYTES} bytes: not a recipe (a recipe is a "
-                          f"few KiB of YAML); fix: check the path")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RecipeError(f"{p}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                          f"{e.start}); fix: save the recipe as UTF-8") from None
-    loader = _RecipeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        n = _expanded_nodes(node)
-        if n > MAX_YAML_NODES:
-            raise RecipeError(f"{p}: anchors/aliases expand the YAML to more than {MAX_YAML_NODES} "
-                              f"nodes (an alias bomb?); fix: write the recipe without nested aliases")
-        return loader.construct_document(node)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{p}: {_yaml_error(e)}") from None
-    except RecursionError:
-        raise RecipeError(f"{p}: YAML nested too deeply; fix: a recipe is a few flat sections") from None
-    except ValueError as e:
-        if isinstance(e, RecipeError):
-            raise
-        raise RecipeError(f"{p}: {e}") from None
-    finally:
-        loader.dispose()
-
-
-def _yaml_error(e: yaml.YAMLError) -> str:
-    """``line L, column C: <problem>`` from PyYAML's marked errors."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
-    if mark is None or not what:
-        return "not valid YAML: " + " ".join(str(e).split())
-    return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {what}"
 
 
 def _short(v: Any, limit: int = 80) -> str:

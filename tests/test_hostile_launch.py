@@ -7,7 +7,6 @@ import errno
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
