@@ -12,7 +12,9 @@ Layout (docs/DESIGN.md §5)::
                                   the model's sharded state dict
         recipe.yaml               the resolved recipe that produced it
         config.json               the HF config of the architecture (so the dir is self-contained)
-        train_state.json          step, consumed samples, layout, format — and "complete": true
+        checksums.json            size + XXH3-64 of every file above (int4_qat/checksums.py)
+        train_state.json          step, consumed samples, layout, format, data fingerprint,
+                                  init source — and "complete": true
 
 What the distributed checkpoint holds: ``model`` (GPTModel.sharded_state_dict: every tensor keyed
 by its *global* name and offset, so it reloads under another TP/EP/PP — the exporter loads it at
@@ -37,7 +39,15 @@ files (``train_state.json`` last), renames the directory to ``iter_XXXXXXX`` and
 replaces ``latest``. A crash at any point leaves either the previous ``latest`` or the new one,
 never a pointer to a half-written directory; a ``.tmp`` directory, or one without
 ``train_state.json`` ``"complete": true``, is refused by :func:`resolve_checkpoint` with a clear
-error. Leftover ``.tmp`` directories are deleted by the next successful save.
+error. Leftover ``.tmp`` directories are deleted by the next successful save. A filesystem error
+during a save (full, read-only, file-size limit) removes the ``.tmp`` directory and is raised as an
+``OSError`` naming it; ``latest`` still names the previous complete checkpoint.
+
+Integrity: ``checksums.json`` is written before ``train_state.json``; every load (resume,
+``--init-from``, export) first runs :func:`verify_checkpoint_files`, which names each truncated,
+missing or corrupted file (work split over the ranks; see :mod:`int4_qat.checksums`). Checkpoints
+saved before checksums existed load with a note. Whether a checkpoint may be *resumed* with a
+given recipe is :mod:`int4_qat.resume`'s question.
 """
 from __future__ import annotations
 
@@ -51,9 +61,12 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from int4_qat import checksums
+
 __all__ = [
     "LATEST",
     "TRAIN_STATE",
+    "verify_checkpoint_files",
     "iter_name",
     "save_checkpoint",
     "resolve_checkpoint",
@@ -163,29 +176,110 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model, optimizer=Non
         state["optimizer"] = optimizer.sharded_state_dict(model_sd)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
-    save_sharded_modelopt_state([inner], str(tmp))   # no-op for a model without ModelOpt modes
-    _barrier()
-    if _rank() == 0:
-        if _after_tensors is not None:
-            _after_tensors(tmp)
-        if recipe is not None:
-            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-            cfg = Path(recipe.model.config_json())
-            if cfg.is_file():
-                shutil.copyfile(cfg, tmp / "config.json")
-        meta = {"complete": True, "step": step, "consumed_samples": consumed_samples,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "quantized": (tmp / "modelopt_state").is_dir(), **(extra or {})}
-        _write_atomic(tmp / TRAIN_STATE, json.dumps(meta, indent=1) + "\n")
-        if final.exists():                      # re-saving the same step: replace the old one
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(ckpt_dir / LATEST, final.name + "\n")
-        for stale in ckpt_dir.glob("iter_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        save_sharded_modelopt_state([inner], str(tmp))   # no-op for a model without ModelOpt modes
+        # each rank hashes the tensor files it has just written (still in its page cache)
+        hashed = _gather(checksums.file_entries(tmp, sorted(p.name for p in tmp.glob(f"__{_rank()}_*.distcp"))))
+        _barrier()
+        if _rank() == 0:
+            if _after_tensors is not None:
+                _after_tensors(tmp)
+            if recipe is not None:
+                (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+                cfg = Path(recipe.model.config_json())
+                if cfg.is_file():
+                    shutil.copyfile(cfg, tmp / "config.json")
+            entries = {k: v for part in hashed for k, v in part.items()}
+            entries.update(checksums.file_entries(tmp, exclude=entries))    # the small rest
+            checksums.write_checksums(tmp, entries)
+            meta = {"complete": True, "step": step, "consumed_samples": consumed_samples,
+                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "quantized": (tmp / "modelopt_state").is_dir(), **(extra or {})}
+            _write_atomic(tmp / TRAIN_STATE, json.dumps(meta, indent=1) + "\n")
+            if final.exists():                      # re-saving the same step: replace the old one
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(ckpt_dir / LATEST, final.name + "\n")
+            for stale in ckpt_dir.glob("iter_*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+    except BaseException as e:     # torch DCP's CheckpointException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        err = _os_error_in(e)
+        writer = type(e).__name__ == "CheckpointException"   # torch DCP's writer (maybe a subprocess)
+        if err is None and not writer:
+            raise                               # not a write failure: leave the .tmp to inspect
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)   # free the space; latest is unchanged
+        kept = f"nothing was kept; {ckpt_dir / LATEST} still names the last complete checkpoint, if any"
+        if err is not None:
+            raise OSError(err.errno, f"saving checkpoint step {step} failed: {err.strerror or err} ({kept})",
+                          str(err.filename or tmp)) from e
+        # the async writer reports a failed write as text, without the errno
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+        first = errs[-1] if errs else (lines[0] if lines else type(e).__name__)
+        raise OSError(None, f"saving checkpoint step {step} failed in torch's checkpoint writer ({first}; "
+                            f"{kept}); fix: check free space, quota, file-size limit (ulimit -f) and "
+                            f"permissions there", str(tmp)) from e
     _barrier()
     return final
+
+
+def _gather(obj) -> list:
+    """``obj`` from every rank (a list of one element without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``e``: itself, its cause chain, or (torch distributed checkpoint's
+    ``CheckpointException``) one of the per-rank failures it collected."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError):
+            return x
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):
+            stack += [v for v in failures.values() if isinstance(v, BaseException)]
+            stack += [getattr(v, "exc", None) for v in failures.values()]
+    return None
+
+
+def verify_checkpoint_files(iter_dir: str | os.PathLike, log: Callable[[str], None] | None = None) -> int | None:
+    """Check every file of ``iter_dir`` against its ``checksums.json`` (collective under a process
+    group: each rank checks a share, problems are gathered; single process: all files).
+
+    Raises :class:`CheckpointError` naming each missing / truncated / corrupted file. Returns the
+    number of files the checkpoint lists, or ``None`` for an older checkpoint without checksums
+    (``log`` gets a note then). This is also what an export reader calls before reading tensors.
+    """
+    iter_dir = Path(iter_dir)
+    try:
+        entries = checksums.read_checksums(iter_dir)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if entries is None:
+        if log is not None:
+            log(f"note: {iter_dir} has no {checksums.CHECKSUMS} (saved before checksums existed): "
+                f"its files cannot be verified before loading")
+        return None
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = checksums.assign(entries, world)[_rank()]
+    problems = [p for part in _gather(checksums.check_files(iter_dir, entries, mine)) for p in part]
+    if problems:
+        raise CheckpointError(checksums.format_problems(iter_dir, problems))
+    return len(entries)
 
 
 # --------------------------------------------------------------------------- locate
@@ -338,26 +432,32 @@ def _load_model_state(inner, iter_dir: Path, weights_only: bool) -> None:
         raise CheckpointError(f"{iter_dir}: checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]}")
 
 
-def load_model_weights(model, path: str | os.PathLike) -> Path:
+def load_model_weights(model, path: str | os.PathLike, log: Callable[[str], None] | None = None) -> Path:
     """Model weights only (``--init-from CKPT``): no optimizer, step or data position.
 
     Works from a BF16 checkpoint into a quantized model (the quantizers' state is then the fresh
-    one) and under any TP/EP/PP layout. Returns the iteration directory used.
+    one) and under any TP/EP/PP layout. The files are verified first. Returns the iteration
+    directory used.
     """
     iter_dir = resolve_checkpoint(path)
+    verify_checkpoint_files(iter_dir, log)
     _load_model_state(_unwrap(model), iter_dir, weights_only=True)
     return iter_dir
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=None,
+                    log: Callable[[str], None] | None = None) -> dict:
     """Resume: model, optimizer, scheduler and this rank's RNG from ``path``.
 
     Returns ``{"step", "consumed_samples", "iter_dir"}``. ``path`` is an ``iter_*`` dir or a
-    checkpoint root with ``latest``. Every rank calls it.
+    checkpoint root with ``latest``. Every rank calls it. The files are verified first
+    (:func:`verify_checkpoint_files`); a load that still fails is a :class:`CheckpointError`
+    naming the directory.
     """
     from megatron.core import dist_checkpointing
 
     iter_dir = resolve_checkpoint(path)
+    verify_checkpoint_files(iter_dir, log)
     meta = read_train_state(iter_dir)
     inner = _unwrap(model)
     model_sd = inner.sharded_state_dict()
@@ -369,7 +469,12 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=No
     same_world = meta.get("world_size") == world
     if same_world:
         request["rng"] = _rng_sharded()
-    loaded = dist_checkpointing.load(request, str(iter_dir))
+    try:
+        loaded = dist_checkpointing.load(request, str(iter_dir))
+    except Exception as e:   # an unverifiable (old) checkpoint with a damaged file ends up here
+        raise CheckpointError(f"{iter_dir}: cannot load this checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); fix: resume from an "
+                              f"earlier iter_* directory, or start a new run") from e
     inner.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -396,6 +501,7 @@ def load_model_for_export(ckpt_dir: str | os.PathLike):
     iter_dir = resolve_checkpoint(ckpt_dir)
     if dist.is_initialized() and dist.get_world_size() != 1:
         raise CheckpointError("load_model_for_export runs on one process; call it outside torchrun")
+    verify_checkpoint_files(iter_dir)
     compat_cpu.init_single_process_gloo(force=torch.cuda.is_available())
     compat_cpu.activate_training(force=torch.cuda.is_available())
     recipe = None

@@ -16,7 +16,13 @@ Rules (the schema is in docs/DESIGN.md §4):
 
 * Every section is a pydantic v2 model with ``extra="forbid"``: a misspelt key is an error, never
   a silently used default. Integers and booleans are strict (``tp: "4"`` or ``tp: 4.5`` is an
-  error); floats accept numeric strings because PyYAML reads ``1e-3`` (no dot) as a string.
+  error); floats accept numeric strings because PyYAML reads ``1e-3`` (no dot) as a string, and
+  must be finite (``lr: .inf`` / ``.nan`` are errors).
+* The YAML is read defensively (:func:`int4_qat.recipe_yaml.load_yaml`): UTF-8 text only, at
+  most 1 MiB, a key given twice in one mapping is an error (YAML would silently keep the last),
+  and anchors / aliases may not expand the document beyond 100 000 nodes (an alias "bomb" is
+  refused in linear time instead of hanging); error messages quote at most a short prefix of a
+  bad value.
 * :meth:`Recipe.load` turns pydantic's errors into one :class:`RecipeError` (a ``ValueError``)
   whose lines name the file, the dotted key (``parallel.tp``) and the allowed values or keys.
 * Relative paths (model dirs, data, checkpoint and export dirs) are resolved against the
@@ -30,7 +36,9 @@ Rules (the schema is in docs/DESIGN.md §4):
   SGLang / vLLM Marlin; ``exact``: it serves ``q*s`` exactly, llama.cpp Q4_0); MXFP4 has block 32
   and NVFP4 block 16 fixed by the formats and take neither.
 
-This module checks one recipe's own consistency only. Layout-versus-world-size, group-versus-TP
+This module checks one recipe's own consistency only; :meth:`Recipe.missing_inputs` lists the input
+paths (model checkpoint, tokenizer, data) that do not exist on this machine, which
+``tools/launch.py`` reports on ``check`` and refuses on ``train`` / ``slurm``. Layout-versus-world-size, group-versus-TP
 shard and serving limits need the model's config.json and live in :mod:`int4_qat.planner` /
 ``tools/launch.py check``.
 """
@@ -46,10 +54,13 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError,
                       field_validator, model_validator)
 
+from int4_qat.recipe_yaml import MAX_RECIPE_BYTES, MAX_YAML_NODES, load_yaml
+
 __all__ = [
     "REPO_ROOT", "SYSTEM_DATA", "RecipeError", "QuantFormatName", "QuantScope", "ScaleRule", "ServedRule",
     "Precision", "ModelSection", "ParallelSection", "QuantSection", "TrainSection",
-    "ExportSection", "SlurmSection", "Recipe", "resolve_path",
+    "ExportSection", "SlurmSection", "Recipe", "resolve_path", "load_yaml", "MAX_YAML_NODES",
+    "MAX_RECIPE_BYTES",
 ]
 
 #: The repository root: relative paths in recipes are resolved against it.
@@ -102,7 +113,8 @@ def resolve_path(p: str | os.PathLike, root: Path = REPO_ROOT) -> Path:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False,
+                              allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -356,16 +368,11 @@ class Recipe(_Section):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Recipe":
         """Read and validate ``path`` (a recipe YAML, or a saved ``recipe.yaml``)."""
-        p = Path(path)
         try:
-            text = p.read_text()
-        except OSError as e:
-            raise RecipeError(f"{p}: cannot read recipe: {e.strerror}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(p))
+            data = load_yaml(path)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict with every default filled in and every path absolute."""
@@ -376,11 +383,30 @@ class Recipe(_Section):
         ``Recipe.from_dict(yaml.safe_load(r.to_yaml()))`` equals ``r``."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
+    def missing_inputs(self) -> list[str]:
+        """``"<key>: <path> does not exist"`` for every input path absent on this machine
+        (``model.checkpoint``, ``model.tokenizer``, each ``train.data`` entry). ``model.config``
+        is not listed: without it nothing can be checked (``model.hf_config()`` raises)."""
+        out = []
+        for key, p in (("model.checkpoint", self.model.checkpoint), ("model.tokenizer", self.model.tokenizer)):
+            if p is not None and not p.exists():
+                out.append(f"{key}: {p} does not exist")
+        for i, d in enumerate(self.train.data):
+            if d != SYSTEM_DATA and not Path(d).exists():
+                out.append(f"train.data[{i}]: {d} does not exist")
+        return out
+
     def save(self, path: str | os.PathLike) -> Path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(self.to_yaml())
         return p
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` cut to ``limit`` characters (a bad value may be huge)."""
+    r = repr(v) if not isinstance(v, (dict, list)) or len(v) < 50 else f"<{type(v).__name__} of {len(v)} items>"
+    return r if len(r) <= limit else r[:limit] + "..."
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
@@ -415,6 +441,6 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 lines.append(f"{source}: {msg}")
                 continue
         else:
-            msg = f"{msg} (got {e.get('input')!r})"
+            msg = f"{msg} (got {_short(e.get('input'))})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)

@@ -23,7 +23,7 @@ import torch
 from int4_qat.arch.hf_io import HFCheckpointReader, write_hf_checkpoint
 
 __all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "make_tiny_hf_checkpoint",
-           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf"]
+           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf", "random_hf_checkpoint"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIGS_DIR = REPO_ROOT / "recipes" / "models"
@@ -110,3 +110,26 @@ def megatron_from_hf(ckpt_dir: str | os.PathLike):
     model = build_model(arch, use_te=False)
     import_hf_checkpoint(model, arch, ckpt_dir)
     return model.eval(), arch
+
+
+def random_hf_checkpoint(config: dict, out_dir: str | os.PathLike, *, shards: int = 2, seed: int = 0,
+                         dtype: torch.dtype = torch.bfloat16, std: float = 0.02) -> Path:
+    """A structurally complete HF checkpoint for ``config`` (every tensor
+    ``int4_qat.arch.expected_hf_tensors`` lists, N(0, std) values, 1-D tensors around 1) without
+    instantiating a transformers model: for sizes where building the model would be slow."""
+    from int4_qat.arch import expected_hf_tensors, load_arch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = torch.Generator().manual_seed(seed)
+    expected = expected_hf_tensors(load_arch(out)).required
+
+    def tensors():
+        for name in sorted(expected):
+            t = torch.randn(expected[name], generator=gen) * std
+            yield name, (t / std * 0.1 + 1 if t.dim() == 1 else t).to(dtype)
+    if shards == 1:
+        return write_hf_checkpoint(tensors(), out, max_shard_bytes=1 << 62)
+    total = sum(torch.Size(s).numel() for s in expected.values()) * torch.empty((), dtype=dtype).element_size()
+    return write_hf_checkpoint(tensors(), out, max_shard_bytes=max(1, total // shards + 1))

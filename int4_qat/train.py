@@ -24,12 +24,18 @@ What one run does, in order (each step is a library call, see :func:`train`):
    fp32 and the plain optimizer) and
    ``OptimizerParamScheduler`` (linear warmup from lr/(warmup+1), cosine to ``min_lr``).
 6. Resume from ``checkpoint_dir/latest`` if it exists (model, optimizer, scheduler, RNG, data
-   position), else start at step 0.
+   position), else start at step 0. Whether the checkpoint may be resumed with this recipe is
+   decided first, before anything is built (:mod:`int4_qat.resume`: a changed quant scheme,
+   architecture or data order is refused; the schedule may change and is then really used), and
+   its files are verified against their checksums (:mod:`int4_qat.checksums`).
 7. Each step: ``get_forward_backward_func()`` runs ``global_batch / (micro_batch · dp)``
    micro-batches through the (pipeline) schedule, the optimizer steps, the scheduler advances.
    Rank 0 logs loss, grad norm, lr and tokens/s every ``log_interval`` (tqdm bar when the
    terminal is interactive) and appends them to ``<out>/metrics.jsonl``; the held-out loss is
    measured every ``eval_interval``; a checkpoint is saved every ``save_interval`` and at the end.
+
+On error the command prints one line (``int4_qat.train: error: ...``, rank 0 only) and exits 2
+for bad input, 1 for a non-finite loss; ``--debug`` adds the stack (``int4_qat.cli``).
 
 The loss is the mean next-token cross entropy over the global batch (every token counts once,
 whatever the micro-batching or data parallelism), so runs at different layouts are comparable
@@ -53,8 +59,9 @@ import torch.distributed as dist
 from int4_qat import checkpoint as ckpt
 from int4_qat import data as D
 from int4_qat.parallel import dist_env, init_parallel, megatron_layout_kwargs, validate_layout
+from int4_qat.resume import check_resume, check_resume_data, data_fingerprint
 
-__all__ = ["TrainResult", "Trainer", "train", "main", "parse_args"]
+__all__ = ["TrainResult", "Trainer", "train", "main", "cli", "parse_args"]
 
 
 @dataclass
@@ -103,6 +110,16 @@ class Trainer:
         self.scheme = recipe.quant.scheme() if quant else None
         world = dist.get_world_size() if dist.is_initialized() else dist_env().world_size
         validate_layout(recipe.parallel, world, self.arch, self.scheme, train=t, cpu=self.cpu)
+        # resume or start: decided (and a resume checked against this recipe) before anything is built
+        self.resume_dir = ckpt.find_latest(self.ckpt_dir) if resume else None
+        if self.resume_dir is not None:
+            if init_from is not None:
+                raise ValueError(
+                    f"--init-from {init_from}: {self.ckpt_dir} already holds a run (latest "
+                    f"{self.resume_dir.name}) that this run would resume, ignoring --init-from; fix: "
+                    f"--out NEW_DIR for a new run initialised from {init_from}, or --no-resume to start "
+                    f"over in {self.ckpt_dir}")
+            check_resume(self.resume_dir, recipe, quant)
         self.env = init_parallel(recipe.parallel, cpu=self.cpu, seed=t.seed)
         from megatron.core import parallel_state as ps
 
@@ -119,16 +136,39 @@ class Trainer:
 
         MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
-        # 3. model + weights
+        # data (before the model: cheap, and a resumed run must see the data it was trained on)
+        tok = D.load_tokenizer(recipe.model.tokenizer, self.arch.vocab_size)
+        self.train_ds, self.eval_ds = D.build_datasets(
+            [str(p) for p in t.data_paths()], tok, t.seq_length, t.eval_fraction, t.seed)
+        self.data_id = data_fingerprint(self.train_ds, self.eval_ds)
+        if self.resume_dir is not None:
+            check_resume_data(self.resume_dir, self.data_id)
+        self.sampler = D.BatchSampler(len(self.train_ds), t.global_batch, t.micro_batch,
+                                      self.dp_rank, self.dp_size, seed=t.seed)
+        self.eval_sampler = None
+        if self.eval_ds is not None and t.eval_iters > 0:
+            gb = min(t.global_batch, len(self.eval_ds) // (t.micro_batch * self.dp_size)
+                     * t.micro_batch * self.dp_size)
+            if gb > 0:
+                self.eval_sampler = D.BatchSampler(len(self.eval_ds), gb, t.micro_batch,
+                                                   self.dp_rank, self.dp_size, shuffle=False)
+
+        # 3. model + weights (a resumed run takes them from its checkpoint, step 6)
         model = build_model(self.arch, use_te=self.use_te, params_dtype=self.dtype,
                             sequence_parallel=recipe.parallel.sequence_parallel,
                             config_overrides=megatron_layout_kwargs(recipe.parallel))
         if not self.cpu:
             model = model.cuda()      # the local spec initialises on the CPU (same weights at any TP)
         src = init_from if init_from is not None else recipe.model.checkpoint
+        if self.resume_dir is not None:
+            src = None
         self.init_source, ckpt_dir = None, None
         if src is not None:
             p = Path(src)
+            if not p.exists():
+                raise ckpt.CheckpointError(
+                    f"{'--init-from' if init_from is not None else 'model.checkpoint'}: {p} does not exist; "
+                    f"fix: give an HF model dir or one of our checkpoint dirs (ckpt/ or ckpt/iter_*)")
             if (p / "config.json").is_file() and not (p / ckpt.TRAIN_STATE).exists() \
                     and not (p / ckpt.LATEST).exists():
                 import_hf_checkpoint(model, self.arch, p)
@@ -140,7 +180,7 @@ class Trainer:
         # kind only matches the model in the state it was saved from.
         ckpt_quantized = ckpt_dir is not None and ckpt.read_train_state(ckpt_dir).get("quantized", False)
         if ckpt_dir is not None and not ckpt_quantized:
-            self.init_source = f"ckpt:{ckpt.load_model_weights(model, ckpt_dir)}"
+            self.init_source = f"ckpt:{ckpt.load_model_weights(model, ckpt_dir, log=self.log)}"
         # 4. fake quant
         if quant:
             model = self.scheme.apply(model)
@@ -148,25 +188,12 @@ class Trainer:
             if not quant:
                 raise ValueError(f"--init-from {ckpt_dir}: a QAT checkpoint cannot initialise a --no-quant "
                                  f"run here; export it to HF (tools/export.py) or drop --no-quant")
-            self.init_source = f"ckpt:{ckpt.load_model_weights(model, ckpt_dir)}"
+            self.init_source = f"ckpt:{ckpt.load_model_weights(model, ckpt_dir, log=self.log)}"
         # 5. DDP, optimizer, scheduler
         self.model = self._wrap_ddp(model)
         self.optimizer, self.scheduler = self._build_optimizer()
         self._hook_config()
 
-        # data
-        tok = D.load_tokenizer(recipe.model.tokenizer, self.arch.vocab_size)
-        self.train_ds, self.eval_ds = D.build_datasets(
-            [str(p) for p in t.data_paths()], tok, t.seq_length, t.eval_fraction, t.seed)
-        self.sampler = D.BatchSampler(len(self.train_ds), t.global_batch, t.micro_batch,
-                                      self.dp_rank, self.dp_size, seed=t.seed)
-        self.eval_sampler = None
-        if self.eval_ds is not None and t.eval_iters > 0:
-            gb = min(t.global_batch, len(self.eval_ds) // (t.micro_batch * self.dp_size)
-                     * t.micro_batch * self.dp_size)
-            if gb > 0:
-                self.eval_sampler = D.BatchSampler(len(self.eval_ds), gb, t.micro_batch,
-                                                   self.dp_rank, self.dp_size, shuffle=False)
         self._mask = None
         if self.cpu:
             from int4_qat.compat.cpu import causal_attention_mask
@@ -175,9 +202,16 @@ class Trainer:
 
         # 6. resume
         self.step = 0
-        if resume and ckpt.find_latest(self.ckpt_dir) is not None:
-            st = ckpt.load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
+        if self.resume_dir is not None:
+            # the optimizer state restores each param group's max_lr / min_lr from the checkpoint;
+            # keep this recipe's (see int4_qat/resume.py: the schedule may change on resume)
+            fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in self.optimizer.param_groups]
+            st = ckpt.load_checkpoint(self.resume_dir, self.model, self.optimizer, self.scheduler, log=self.log)
+            for g, f in zip(self.optimizer.param_groups, fresh):
+                g.update(f)
+            self.scheduler.step(increment=0)
             self.step = st["step"]
+            self.init_source = ckpt.read_train_state(st["iter_dir"]).get("init_source")
             if st["consumed_samples"] != self.sampler.consumed_samples(self.step):
                 raise ValueError(
                     f"{st['iter_dir']}: {st['consumed_samples']} samples consumed in {self.step} steps, "
@@ -218,7 +252,10 @@ class Trainer:
             opt, init_lr=t.lr / (warm + 1) if warm else t.lr, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=warm, lr_decay_steps=max(t.steps, warm + 1), lr_decay_style="cosine",
             start_wd=t.weight_decay, end_wd=t.weight_decay, wd_incr_steps=t.steps,
-            wd_incr_style="constant")
+            wd_incr_style="constant",
+            # on resume, use THIS recipe's schedule (Megatron's default keeps the checkpoint's
+            # values silently, while the new recipe.yaml would claim these; int4_qat/resume.py)
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
         return opt, sched
 
     def _hook_config(self):
@@ -312,7 +349,8 @@ class Trainer:
             self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
             consumed_samples=self.sampler.consumed_samples(self.step), recipe=self.recipe,
             extra={"quant": self.scheme.to_dict() if self.scheme is not None else None,
-                   "layout": {k: getattr(self.recipe.parallel, k) for k in ("tp", "pp", "ep", "etp", "dp")}})
+                   "layout": {k: getattr(self.recipe.parallel, k) for k in ("tp", "pp", "ep", "etp", "dp")},
+                   "data": self.data_id, "init_source": self.init_source})
 
 
 def train(recipe, *, steps: int | None = None, cpu: bool | None = None, out: str | Path | None = None,
@@ -328,9 +366,18 @@ def train(recipe, *, steps: int | None = None, cpu: bool | None = None, out: str
     """
     if steps is not None:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"steps": steps})})
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
     trainer = Trainer(recipe, cpu=cpu, quant=quant, init_from=init_from, out=out, resume=resume, log=log)
     t = recipe.train
     end = t.steps if stop_after is None else min(stop_after, t.steps)
+    if stop_after is not None and stop_after <= trainer.step:
+        raise ValueError(f"--stop-after {stop_after}: the run resumed at step {trainer.step} "
+                         f"({trainer.resume_dir}), so there is nothing to do; fix: a later step, or "
+                         f"--no-resume / --out NEW_DIR for a new run")
+    if trainer.step >= end:
+        trainer.log(f"nothing to do: {trainer.resume_dir} is at step {trainer.step} and train.steps is "
+                    f"{t.steps}; raise --steps (or train.steps) to train longer")
     res = TrainResult(start_step=trainer.step, quantized=quant)
     trainer.log(f"{recipe.name}: {'QAT ' + trainer.scheme.describe() if quant else 'BF16 baseline (no quant)'}"
                 f" | world {trainer.env.world_size} | {len(trainer.train_ds)} train / "
@@ -385,15 +432,18 @@ def train(recipe, *, steps: int | None = None, cpu: bool | None = None, out: str
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    from int4_qat.cli import add_debug_flag, positive_int
+
     p = argparse.ArgumentParser(prog="python -m int4_qat.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", required=True, help="recipes/<name>.yaml")
-    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--steps", type=positive_int, help="override train.steps")
     p.add_argument("--cpu", action="store_true", help="CPU run: gloo, fp32, int4_qat.compat.cpu shims")
     p.add_argument("--out", help="run directory (checkpoints in OUT/ckpt, metrics in OUT/metrics.jsonl)")
     p.add_argument("--no-quant", action="store_true", help="BF16 baseline: no fake quantization")
     p.add_argument("--init-from", help="our checkpoint dir (iter_* or with 'latest') or an HF model dir")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint_dir/latest")
-    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this global step")
+    p.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after this global step")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -402,8 +452,6 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
     a = parse_args(argv)
     recipe = Recipe.load(a.recipe)
-    if a.steps is not None and a.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {a.steps}")
     res = train(recipe, steps=a.steps, cpu=True if a.cpu else None, out=a.out, quant=not a.no_quant,
                 init_from=a.init_from, resume=not a.no_resume, stop_after=a.stop_after)
     if dist.get_rank() == 0:
@@ -414,5 +462,17 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     return res
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The command line: :func:`main` under ``int4_qat.cli.run_cli`` (one line, exit 2 / 1, rank 0
+    prints, torchrun's error file filled in)."""
+    from int4_qat.cli import run_cli
+
+    def run() -> int:
+        main(argv)
+        return 0
+
+    return run_cli(run, "int4_qat.train", argv, distributed=True)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

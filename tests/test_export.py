@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from int4_qat.export import export_checkpoint
 from int4_qat.export.ct_config import ignore_list
-from int4_qat.testing import make_tiny_hf_checkpoint
+from int4_qat.testing import make_tiny_hf_checkpoint, random_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,21 +238,13 @@ def test_injected_failure_leaves_nothing(tiny, tmp_path):
 
 
 def test_sigkill_midway_leaves_no_completed_output(tmp_path):
-    # ~96 MB of BF16 experts in 3 shards: long enough to kill while shards are being written
+    # ~110 MB of BF16 (3 MoE layers of 8 experts, hidden 1024) in 3 shards: long enough to kill
+    # while shards are being written
     src = tmp_path / "big"
-    os.makedirs(src)
-    cfg = {"model_type": "qwen3_moe", "hidden_size": 1024, "moe_intermediate_size": 1024, "num_experts": 8,
-           "num_hidden_layers": 3, "intermediate_size": 1024, "num_attention_heads": 8, "vocab_size": 512}
-    json.dump(cfg, open(src / "config.json", "w"))
-    wm = {}
-    g = torch.Generator().manual_seed(0)
-    for s in range(3):
-        fn = f"model-{s + 1:05d}-of-00003.safetensors"
-        t = {f"model.layers.{s}.mlp.experts.{e}.{p}.weight": torch.randn(1024, 1024, generator=g).to(torch.bfloat16)
-             for e in range(8) for p in ("gate_proj", "up_proj")}
-        save_file(t, str(src / fn), metadata={"format": "pt"})
-        wm.update({k: fn for k in t})
-    json.dump({"metadata": {}, "weight_map": wm}, open(src / "model.safetensors.index.json", "w"))
+    cfg = json.load(open(os.path.join(REPO, "recipes", "models", "tiny-qwen3-moe", "config.json")))
+    cfg.update(hidden_size=1024, moe_intermediate_size=1024, num_hidden_layers=3, head_dim=128,
+               num_attention_heads=8, num_key_value_heads=4, vocab_size=512, intermediate_size=1024)
+    random_hf_checkpoint(cfg, src, shards=3)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools/export.py"), "--input", str(src), "--output",
                              str(out), "--format", "int4", "--no-progress", "--workers", "1"],

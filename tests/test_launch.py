@@ -30,7 +30,10 @@ def test_check_all_recipes_pass(capsys):
     # formula checks only; the structural build of every recipe: tests/test_structure_check.py
     assert launch.main(["check", "--no-build", *RECIPES]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == len(RECIPES) and all(line.startswith("ok  ") for line in out)
+    assert len([ln for ln in out if ln.startswith("ok  ")]) == len(RECIPES)
+    # the rest: one note per input path this machine lacks (cluster paths), never a failure
+    assert all(ln.startswith("ok  ") or (ln.startswith("  note: ") and "does not exist here" in ln)
+               for ln in out)
 
 
 @pytest.mark.parametrize("base, edit, expected", [
@@ -99,6 +102,8 @@ def test_cpu_run_refuses_gpu_only_layout(tmp_path, monkeypatch, capsys):
     """Without CUDA, a real (not DRY_RUN) train refuses MLA + TP before starting torchrun."""
     monkeypatch.delenv("DRY_RUN", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    path = _variant(tmp_path, "tiny-moe", "variant", lambda d: d["parallel"].update(
+        tp=2, sequence_parallel=True, gpus_per_node=2))
     with pytest.raises(SystemExit) as ei:
         launch.main(["train", str(REPO_ROOT / "recipes" / "kimi-k2-int4.yaml")])
     assert ei.value.code == 1
@@ -130,11 +135,17 @@ def test_dry_run_train_single_node_gpus(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", ["qwen3-235b-a22b-int4", "kimi-k2-int4"])
-def test_multi_node_train_points_to_slurm(monkeypatch, capsys, name):
+def test_multi_node_dry_run_prints_the_per_node_command(monkeypatch, capsys, name):
+    """DRY_RUN without MASTER_ADDR / NODE_RANK prints what each node would run, with placeholders."""
     monkeypatch.setenv("DRY_RUN", "1")
-    assert launch.main(["train", str(REPO_ROOT / "recipes" / f"{name}.yaml")]) == 2
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    assert launch.main(["train", str(REPO_ROOT / "recipes" / f"{name}.yaml")]) == 0
     cap = capsys.readouterr()
-    assert "DRY_RUN:" not in cap.out and f"make slurm-{name}" in cap.err
+    assert f"make slurm-{name}" in cap.err and "placeholders" in cap.err
+    line = [ln for ln in cap.out.splitlines() if ln.startswith("DRY_RUN: ")][-1]
+    assert '--node-rank "$NODE_RANK"' in line and '--rdzv-endpoint "$MASTER_ADDR":29500' in line
+    assert "--cpu" not in line            # no CUDA here, but the model cannot fit: the GPU command
 
 
 def test_refuses_to_launch_invalid(tmp_path, monkeypatch, capsys):
@@ -247,10 +258,12 @@ def test_dry_run_multinode_train_with_torchrun_env(monkeypatch, capsys):
     assert "--nproc-per-node 8" in out
 
 
-def test_multinode_train_without_env_refuses(monkeypatch, capsys):
-    monkeypatch.setenv("DRY_RUN", "1")
+def test_multinode_train_without_env_refuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("DRY_RUN", raising=False)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("NODE_RANK", raising=False)
-    rc = launch.main(["train", str(REPO_ROOT / "recipes" / "qwen3-235b-a22b-int4.yaml")])
+    path = _variant(tmp_path, "tiny-moe", "variant", lambda d: d["parallel"].update(nodes=2, dp=2))
+    rc = launch.main(["train", path])
     assert rc == 2
-    assert "NODE_RANK" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("launch: error: ") and "NODE_RANK" in err[0]

@@ -185,4 +185,5 @@ def test_cli_json_and_readme_table():
     assert "fits" in text and "int4-g32" in text
     bad = subprocess.run([sys.executable, tool, str(REPO_ROOT / "recipes" / "nope.yaml")],
                          capture_output=True, text=True)
-    assert bad.returncode == 1 and "nope.yaml: cannot read recipe" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith("plan_memory: error: ") and "nope.yaml: does not exist" in bad.stderr

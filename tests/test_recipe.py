@@ -140,9 +140,9 @@ def test_not_a_mapping_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match=r"list\.yaml: a recipe is a YAML mapping"):
         Recipe.load(p)
     p.write_text("name: [unclosed\n")
-    with pytest.raises(RecipeError, match=r"list\.yaml: not valid YAML"):
+    with pytest.raises(RecipeError, match=r"list\.yaml: line 2, column 1: not valid YAML"):
         Recipe.load(p)
-    with pytest.raises(RecipeError, match=r"missing\.yaml: cannot read recipe"):
+    with pytest.raises(RecipeError, match=r"missing\.yaml: does not exist"):
         Recipe.load(tmp_path / "missing.yaml")
 
 

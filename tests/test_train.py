@@ -109,8 +109,9 @@ def test_main_cli_runs_and_saves(corpus, tmp_path):
     assert res.final_step == 2 and len(res.losses) == 2
     assert (tmp_path / "run" / "ckpt" / "latest").read_text().strip() == "iter_0000002"
     assert (tmp_path / "run" / "ckpt" / "iter_0000002" / "recipe.yaml").is_file()
-    with pytest.raises(ValueError, match="--steps must be >= 1"):
+    with pytest.raises(SystemExit) as ei:                 # argparse: exit 2, "must be >= 1"
         main(["--recipe", str(path), "--cpu", "--steps", "0"])
+    assert ei.value.code == 2
 
 
 def test_bad_layout_and_init_source_are_refused(corpus, tmp_path):

@@ -15,36 +15,40 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from int4_qat.cli import add_debug_flag, cli_main, positive_float, positive_int  # noqa: E402  (stdlib only)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--ci", action="store_true", help="reduced configuration (tests; a few minutes)")
-    p.add_argument("--steps", type=int, help="stage-1 BF16 training steps (default 1200; --ci 60)")
-    p.add_argument("--qat-steps", type=int, help="continuation budget in steps for BF16 and every "
+    p.add_argument("--steps", type=positive_int, help="stage-1 BF16 training steps (default 1200; --ci 60)")
+    p.add_argument("--qat-steps", type=positive_int, help="continuation budget in steps for BF16 and every "
                    "QAT run (default 200; --ci 30); tokens = steps x global batch x seq length")
-    p.add_argument("--hidden", type=int, help="hidden size (default 128; g128 needs a multiple of 128)")
-    p.add_argument("--moe-intermediate", type=int, help="expert intermediate size (default = hidden)")
-    p.add_argument("--layers", type=int, help="decoder layers (default 2)")
-    p.add_argument("--experts", type=int, help="routed experts (default 8, top-2)")
-    p.add_argument("--heads", type=int, help="attention heads (default 4; KV heads = heads/2)")
-    p.add_argument("--seq-length", type=int, help="tokens per sample (default 128)")
-    p.add_argument("--global-batch", type=int, help="samples per step (default 8)")
-    p.add_argument("--micro-batch", type=int, help="samples per micro-batch (default 8)")
-    p.add_argument("--lr", type=float, help="stage-1 peak LR (default 3e-3)")
-    p.add_argument("--qat-lr", type=float, help="continuation peak LR (default 5e-4)")
-    p.add_argument("--eval-samples", type=int, help="held-out windows evaluated (default all: 706 "
+    p.add_argument("--hidden", type=positive_int, help="hidden size (default 128; g128 needs a multiple of 128)")
+    p.add_argument("--moe-intermediate", type=positive_int, help="expert intermediate size (default = hidden)")
+    p.add_argument("--layers", type=positive_int, help="decoder layers (default 2)")
+    p.add_argument("--experts", type=positive_int, help="routed experts (default 8, top-2)")
+    p.add_argument("--heads", type=positive_int, help="attention heads (default 4; KV heads = heads/2)")
+    p.add_argument("--seq-length", type=positive_int, help="tokens per sample (default 128)")
+    p.add_argument("--global-batch", type=positive_int, help="samples per step (default 8)")
+    p.add_argument("--micro-batch", type=positive_int, help="samples per micro-batch (default 8)")
+    p.add_argument("--lr", type=positive_float, help="stage-1 peak LR (default 3e-3)")
+    p.add_argument("--qat-lr", type=positive_float, help="continuation peak LR (default 5e-4)")
+    p.add_argument("--eval-samples", type=positive_int, help="held-out windows evaluated (default all: 706 "
                    "at seq length 128; --ci 64); every Δ gets a paired bootstrap interval over them")
     p.add_argument("--formats", help="comma list of int4-g32,int4-g128,mxfp4,nvfp4 (default all)")
     p.add_argument("--scope", choices=["experts", "all-linear"], help="quantized weights (default all-linear)")
     p.add_argument("--no-baselines", action="store_true", help="skip the ModelOpt AWQ / FP8 rows")
     p.add_argument("--seed", type=int, help="seed (default 1234)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default 1: tiny matmuls, shared CPU)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default 1: tiny matmuls, shared CPU)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and progress bars")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
+@cli_main("demo")
 def main(argv=None) -> int:
     a = parse_args(argv)
     if not a.verbose:   # Megatron/ModelOpt/transformers warn about TE, Apex, CUDA on every import
@@ -59,16 +63,12 @@ def main(argv=None) -> int:
     from int4_qat.demo import DemoConfig, ci_config, run_demo
 
     kw = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "verbose")}
+          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "verbose", "debug")}
     if a.formats:
         kw["formats"] = tuple(f.strip() for f in a.formats.split(",") if f.strip())
     if a.no_baselines:
         kw["baselines"] = False
-    try:
-        cfg = ci_config(a.out, **kw) if a.ci else DemoConfig(out=a.out, **kw)
-    except ValueError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
+    cfg = ci_config(a.out, **kw) if a.ci else DemoConfig(out=a.out, **kw)   # ValueError -> exit 2
     t0 = time.perf_counter()
     res = run_demo(cfg)
     print()

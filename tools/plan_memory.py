@@ -5,6 +5,8 @@
     python tools/plan_memory.py recipes/kimi-k2-int4.yaml --json     # machine-readable
     python tools/plan_memory.py --readme-table recipes/*.yaml        # README "Recipes" table
 
+A recipe that does not load or plan: one line ``plan_memory: error: ...``, exit 2.
+
 The formulas (and what they leave out) are in int4_qat/planner.py's docstring.
 """
 from __future__ import annotations
@@ -16,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from int4_qat.cli import add_debug_flag, cli_main  # noqa: E402
 from int4_qat.planner import GPU_MEMORY_GB, plan  # noqa: E402
-from int4_qat.recipe import Recipe, RecipeError  # noqa: E402
+from int4_qat.recipe import Recipe  # noqa: E402
 
 
 def _count(n: int) -> str:
@@ -72,20 +75,21 @@ def readme_table(plans: list[dict]) -> str:
     return "\n".join(rows)
 
 
+@cli_main("plan_memory")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("recipes", nargs="+")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="print JSON")
     g.add_argument("--readme-table", action="store_true", help="print the README 'Recipes' markdown table")
+    add_debug_flag(ap)
     a = ap.parse_args(argv)
     plans = []
     for path in a.recipes:
         try:
             plans.append(plan(Recipe.load(path)))
-        except (RecipeError, ValueError) as e:
-            print(f"{path}: {e}" if not str(e).startswith(path) else str(e), file=sys.stderr)
-            return 1
+        except ValueError as e:      # -> one line, exit 2 (int4_qat.cli)
+            raise ValueError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
     if a.readme_table:
         print(readme_table(plans))
     elif a.json:

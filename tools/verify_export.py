@@ -8,7 +8,8 @@ Checks (see int4_qat/export/verify.py): compressed-tensors decompression (or tra
 MXFP4 dequant) of every packed tensor == scheme.fake_quantize(reference) bit-exactly; every other
 tensor byte-identical; no missing / extra tensors; ignore list matched by compressed-tensors; for
 small models, transformers loads the export and its logits match the fake-quantized reference.
-Prints a table; exit status 1 on any mismatch, 2 on unusable input.
+Prints a table; exit status 1 on any mismatch (including a structurally broken reference or an
+export whose metadata was edited), 2 on unusable input (one ``verify_export: error:`` line).
 """
 import argparse
 import os
@@ -17,6 +18,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+from int4_qat.cli import add_debug_flag, cli_main, positive_float  # noqa: E402  (light: stdlib only)
+
+
+@cli_main("verify_export")
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="the HF BF16 checkpoint the export was made from")
@@ -24,15 +29,12 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--logits", dest="logits", action="store_true", default=None, help="always compare logits")
     g.add_argument("--no-logits", dest="logits", action="store_false", help="skip the transformers load")
-    p.add_argument("--logit-tol", type=float, default=1e-4)
+    p.add_argument("--logit-tol", type=positive_float, default=1e-4)
+    add_debug_flag(p)
     a = p.parse_args(argv)
     from int4_qat.export.verify import verify_export
 
-    try:
-        report = verify_export(a.reference, a.export, logits=a.logits, logit_tol=a.logit_tol)
-    except ValueError as e:
-        print(f"verify_export: error: {e}", file=sys.stderr)
-        return 2
+    report = verify_export(a.reference, a.export, logits=a.logits, logit_tol=a.logit_tol)
     print(report.table())
     print("PASS" if report.ok else "FAIL")
     return 0 if report.ok else 1

@@ -31,6 +31,7 @@ __all__ = [
     "SINGLE_NAME",
     "HFCheckpointReader",
     "read_config",
+    "read_index",
     "write_hf_checkpoint",
     "iter_checkpoint",
     "import_hf_checkpoint",
@@ -41,19 +42,59 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
+def _read_json(path: Path, what: str):
+    """Parsed JSON of ``path``; ValueError naming the file for undecodable or invalid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: {what} is not UTF-8 text (byte offset {e.start}); fix: restore "
+                         f"the original file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e}); fix: restore the original file") from None
+
+
 def read_config(hf_dir: str | os.PathLike) -> tuple[dict, Path]:
-    """Return ``(config dict, path of config.json)``; ValueError naming the file if absent/invalid."""
+    """Return ``(config dict, path of config.json)``; ValueError naming the file if absent/invalid.
+
+    ``"quantization_config": null`` means "not quantized" (as transformers reads it) and is
+    dropped from the returned dict."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ValueError(f"{path}: no config.json in HF model directory {hf_dir}")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    cfg = _read_json(path, "config.json")
     if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: top level must be a JSON object")
+        raise ValueError(f"{path}: top level must be a JSON object, got a JSON "
+                         f"{type(cfg).__name__}; fix: use the model's own config.json")
+    if "quantization_config" in cfg and cfg["quantization_config"] is None:
+        cfg = {k: v for k, v in cfg.items() if k != "quantization_config"}
+    elif "quantization_config" in cfg and not isinstance(cfg["quantization_config"], dict):
+        raise ValueError(f"{path}: 'quantization_config' must be a JSON object or null, got "
+                         f"{cfg['quantization_config']!r}")
     return cfg, path
+
+
+def read_index(index: str | os.PathLike) -> dict[str, str]:
+    """The ``weight_map`` of a ``model.safetensors.index.json``, validated *before* any shard is
+    opened: a JSON object whose ``weight_map`` maps tensor names to shard file names, every shard
+    path lying inside the index's directory (judged by the path itself, ``..`` and absolute
+    paths refused; symlinks are followed later, as HF cache snapshots use them)."""
+    index = Path(index)
+    data = _read_json(index, "the safetensors index")
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict):
+        got = type(wm).__name__ if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(f"{index}: 'weight_map' must be a JSON object {{tensor name: shard file}}, "
+                         f"got {got}; fix: restore the checkpoint's index")
+    for name, fname in wm.items():
+        if not isinstance(fname, str) or not fname:
+            raise ValueError(f"{index}: tensor {name} maps to {fname!r}, not a shard file name")
+        norm = os.path.normpath(fname)
+        if os.path.isabs(fname) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+            raise ValueError(f"{index}: tensor {name} maps to {fname!r}, outside the input "
+                             f"directory {index.parent}; refusing to open it (shards must lie in the "
+                             f"checkpoint directory)")
+    return wm
 
 
 class HFCheckpointReader:
@@ -64,10 +105,7 @@ class HFCheckpointReader:
         index = self.dir / INDEX_NAME
         single = self.dir / SINGLE_NAME
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+            weight_map = read_index(index)
             self._files = {name: self.dir / fname for name, fname in weight_map.items()}
             for f in sorted(set(self._files.values())):
                 if not f.is_file():
@@ -96,8 +134,22 @@ class HFCheckpointReader:
 
     def _handle(self, path: Path):
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except Exception as e:   # safetensors' own error types: truncated / corrupt header
+                raise ValueError(f"{path}: not a readable safetensors file ({e}); fix: restore the "
+                                 f"checkpoint's shard") from None
         return self._handles[path]
+
+    def metadata(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``{name: (dtype, shape)}`` of every tensor, from the shard headers (nothing is read)."""
+        from int4_qat.export.source import _DTYPES
+
+        out = {}
+        for name, path in self._files.items():
+            sl = self._handle(path).get_slice(name)
+            out[name] = (_DTYPES.get(sl.get_dtype(), torch.uint8), tuple(sl.get_shape()))
+        return out
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(self.file_of(name)).get_slice(name).get_shape())
@@ -276,7 +328,7 @@ def import_hf_checkpoint(model, arch: Arch, hf_dir: str | os.PathLike) -> dict:
     """
     tp_rank, tp, etp_rank, etp, _, _ = _parallel()
     cfg_path = Path(hf_dir) / "config.json"
-    if cfg_path.is_file() and json.loads(cfg_path.read_text()).get("quantization_config"):
+    if cfg_path.is_file() and read_config(hf_dir)[0].get("quantization_config"):
         raise ValueError(f"{cfg_path}: the checkpoint is quantized ('quantization_config'); "
                          "import_hf_checkpoint reads unquantized BF16/FP32 weights only")
     slots = _slots(model, arch)
@@ -287,6 +339,17 @@ def import_hf_checkpoint(model, arch: Arch, hf_dir: str | os.PathLike) -> dict:
         if stray:
             raise ValueError(f"{hf_dir}: checkpoint tensor(s) {sorted(stray)[:8]} match no "
                              f"{arch.model_type} mapping rule (is config.json from this checkpoint?)")
+        # what the per-tensor loop below cannot see (headers only, before anything is loaded): an
+        # expert / layer beyond the config's counts, an integer tensor (it would be cast silently).
+        # Missing and mis-shaped tensors are reported by the loop, naming the Megatron target.
+        from int4_qat.arch.expected import expected_hf_tensors
+
+        problems = [p for p in expected_hf_tensors(arch).problems(reader.metadata(), str(hf_dir))
+                    if "is missing" not in p and "has shape" not in p]
+        if problems:
+            raise ValueError(f"{hf_dir}: the checkpoint does not match the model's config.json:\n  "
+                             + "\n  ".join(p.removeprefix(f"{hf_dir}: ") for p in problems)
+                             + "\nfix: use the checkpoint that belongs to model.config, or repair it")
         n_read = 0
         for s in slots:
             names = s.rule.hf_names(s.layer, s.expert)

@@ -31,11 +31,11 @@ from safetensors import safe_open
 from int4_qat.export import convert as cv
 from int4_qat.export.ct_config import gpt_oss_modules_to_not_convert, ignore_list, quantization_config
 from int4_qat.export.source import SIDE_FILES, HFSource, TensorInfo, open_hf_source
-from int4_qat.export.writer import ExportDir, ShardWriter, TensorSpec, shard_name
+from int4_qat.export.writer import (EXPORT_META, ExportDir, ShardWriter, TensorSpec, check_output_location,
+                                    shard_name)
 
 __all__ = ["ExportResult", "export_checkpoint", "export_hf_dir", "resolve_scheme", "EXPORT_META", "CHUNK_BYTES"]
 
-EXPORT_META = "int4_qat_export.json"
 CHUNK_BYTES = 256 << 20  # input bytes per work item for tensors whose rows are independent
 
 
@@ -204,6 +204,7 @@ def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None
     ``_fail_after`` (tests) raises after that many shards were written, to prove atomicity.
     """
     t0 = time.perf_counter()
+    check_output_location(output_dir, [input_dir], overwrite)   # never touch the source (writer.py)
     if _is_training_checkpoint(input_dir):
         from int4_qat.checkpoint import resolve_checkpoint
 
@@ -246,7 +247,7 @@ def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 
     result = ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict())
     workers = workers or min(2, os.cpu_count() or 1)
     total = sum(t.nbytes for t in source.tensors())
-    export_dir = ExportDir(output_dir, overwrite=overwrite)  # refuses an existing output up front
+    export_dir = ExportDir(output_dir, overwrite=overwrite, inputs=(input_dir,) + ((side_dir,) if side_dir else ()))
     bar = None
     if progress:
         from tqdm import tqdm

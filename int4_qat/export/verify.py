@@ -18,6 +18,13 @@ export the way a consumer does and compares with the reference BF16 checkpoint:
 ``ignore``      compressed-tensors' ``match_name`` applied to the generated ignore list: every
                 unquantized Linear is ignored, no quantized one is; router / embeddings / norms /
                 lm_head are never packed.
+``structure``   the reference's tensor set is what its ``config.json`` implies (every tensor
+                present, shaped and float, nothing unexpected: ``int4_qat.export.source.
+                check_structure``), and the export's ``config.json`` describes the same model.
+``metadata``    the export's ``quantization_config`` is the one ``tools/export.py`` writes for the
+                scheme recorded in ``int4_qat_export.json``; every export tensor has the dtype and
+                shape that scheme implies; ``weight_shape`` holds the reference's shape. An edited
+                export is a FAIL naming the field or tensor, never a crash inside a reader.
 ``logits``      (small models) transformers ``AutoModelForCausalLM`` loads the export
                 (compressed-tensors, or ``Mxfp4Config(dequantize=True)`` on CPU) and its logits are
                 compared with the reference model whose quantized weights were replaced by their
@@ -79,29 +86,42 @@ class VerifyReport:
 
 
 class _ExportReader:
-    """The export's tensors via its index (read with ``safetensors.safe_open``)."""
+    """The export's tensors via its index (read with ``safetensors.safe_open``); a shard that is
+    missing or unreadable is a ``names`` failure, and its tensors count as absent."""
 
     def __init__(self, root: str, names: Check):
+        from int4_qat.arch.hf_io import read_index
+
         self.root = root
         index_path = os.path.join(root, INDEX_NAME)
         if not os.path.isfile(index_path):
             raise ValueError(f"{root}: no {INDEX_NAME}: not a complete export (interrupted, or not an export)")
-        with open(index_path) as f:
-            self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+        self.weight_map: dict[str, str] = read_index(index_path)
         self.handles = {}
-        present: set[str] = set()
+        self.present: set[str] = set()
         for fn in sorted(set(self.weight_map.values())):
-            h = safe_open(os.path.join(root, fn), "pt")
+            try:
+                h = safe_open(os.path.join(root, fn), "pt")
+            except Exception as e:      # noqa: BLE001 - missing / truncated / corrupt shard
+                names.fail(f"{fn}: cannot be read ({type(e).__name__}: {e})")
+                continue
             self.handles[fn] = h
             for k in h.keys():
-                present.add(k)
+                self.present.add(k)
                 if self.weight_map.get(k) != fn:
                     names.fail(f"{fn}: {k} not in index")
-        for k in set(self.weight_map) - present:
-            names.fail(f"index lists {k} but {self.weight_map[k]} lacks it")
+        for k in sorted(set(self.weight_map) - self.present):
+            if self.weight_map[k] in self.handles:
+                names.fail(f"index lists {k} but {self.weight_map[k]} lacks it")
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.present and self.weight_map.get(name) in self.handles
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        from int4_qat.export.source import _DTYPES
+
+        sl = self.handles[self.weight_map[name]].get_slice(name)
+        return _DTYPES.get(sl.get_dtype()), tuple(sl.get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         return self.handles[self.weight_map[name]].get_tensor(name)
@@ -114,8 +134,83 @@ def _load_scheme(export_dir: str):
     if not os.path.isfile(path):
         raise ValueError(f"{path} missing: the export was not written by tools/export.py, so the scheme "
                          "that must reproduce it is unknown")
-    with open(path) as f:
-        return QuantScheme.from_dict(json.load(f)["scheme"])
+    try:
+        with open(path) as f:
+            return QuantScheme.from_dict(json.load(f)["scheme"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable scheme ({type(e).__name__}: {e}); fix: re-export with "
+                         f"tools/export.py") from None
+
+
+def _diff(want, got, path: str, out: list[str], limit: int = 5) -> None:
+    """Paths where two JSON-like values differ (at most ``limit``)."""
+    if len(out) >= limit:
+        return
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in sorted(set(want) | set(got), key=str):
+            if k not in got:
+                out.append(f"{path}.{k} is missing (expected {want[k]!r})")
+            elif k not in want:
+                out.append(f"{path}.{k} is unexpected ({got[k]!r})")
+            else:
+                _diff(want[k], got[k], f"{path}.{k}", out, limit)
+    elif want != got:
+        out.append(f"{path}: export has {got!r}, expected {want!r}")
+
+
+def _structure_check(ref, ecfg: dict) -> Check:
+    """The reference matches its own config.json; the export's config describes the same model."""
+    from int4_qat.arch.base import COMMON_IGNORED_FIELDS
+    from int4_qat.export.source import check_structure
+
+    c = Check("structure (config.json)", count=len(ref.tensors()))
+    try:
+        check_structure(ref.root, ref.tensors())
+    except ValueError as e:
+        for line in str(e).splitlines()[1:] or [str(e)]:
+            if not line.startswith("fix:"):
+                c.fail(line.strip())
+    skip = (COMMON_IGNORED_FIELDS - {"model_type"}) | {"quantization_config"}
+    model_keys = lambda cfg: {k: v for k, v in cfg.items() if k not in skip}   # noqa: E731
+    diffs: list[str] = []
+    _diff(model_keys(ref.config), model_keys(ecfg), "config.json", diffs)
+    for d in diffs:
+        c.fail(f"export {d} (the reference's config.json says otherwise)")
+    c.detail = "reference tensors == what config.json implies; export config == reference config"
+    return c
+
+
+def _metadata_check(ref, scheme, plans, ecfg: dict, reader: "_ExportReader") -> Check:
+    """quantization_config and every export tensor's dtype / shape, from the recorded scheme."""
+    from int4_qat.export.pipeline import _final_config
+
+    c = Check("metadata (scheme, dtypes, shapes)")
+    try:
+        want = _final_config(ref.config, scheme, plans)["quantization_config"]
+    except ValueError as e:
+        c.fail(str(e))
+        return c
+    diffs: list[str] = []
+    strip = lambda q: {k: v for k, v in q.items() if k != "version"}   # noqa: E731 - writer's version
+    _diff(strip(want), strip(ecfg.get("quantization_config") or {}), "quantization_config", diffs)
+    for d in diffs:
+        c.fail(f"config.json {d} (from the scheme in {EXPORT_META}: {scheme.describe()})")
+    shapes = {i.name: i.shape for i in ref.tensors()}
+    for plan in plans:
+        for spec in plan.outputs:
+            if spec.name not in reader:
+                continue
+            c.count += 1
+            dtype, shape = reader.meta(spec.name)
+            if dtype != spec.dtype or shape != spec.shape:
+                c.fail(f"{spec.name}: {str(dtype).replace('torch.', '')} {list(shape)} in the export, the "
+                       f"scheme implies {str(spec.dtype).replace('torch.', '')} {list(spec.shape)}")
+            elif spec.name.endswith(".weight_shape"):
+                got = reader.get(spec.name).tolist()
+                if got != list(shapes[plan.source]):
+                    c.fail(f"{spec.name} holds {got}, the reference weight is {list(shapes[plan.source])}")
+    c.detail = "quantization_config from the scheme; every tensor's dtype and shape"
+    return c
 
 
 def _ct_config(qc: dict):
@@ -151,10 +246,11 @@ def _decompress_ct(ct_cfg, ct_scheme, module: str, reader: _ExportReader) -> tor
 def verify_export(reference: str, export: str, *, logits: bool | None = None, max_logit_params: int = 50_000_000,
                   seq_len: int = 24, logit_tol: float = 1e-4) -> VerifyReport:
     """Run all checks; ``logits=None`` runs the model comparison when the model is small."""
-    ref = open_hf_source(reference)
+    from int4_qat.arch.hf_io import read_config
+
+    ref = open_hf_source(reference, structure=False)     # the structure is a reported check below
     scheme = _load_scheme(export)
-    with open(os.path.join(export, "config.json")) as f:
-        ecfg = json.load(f)
+    ecfg, _ = read_config(export)
     qc = ecfg.get("quantization_config")
     names, packed, gptoss, copied, ignore = (Check("names/index"), Check("packed (compressed-tensors)"),
                                              Check("packed (transformers gpt-oss)"), Check("copied bytes"),
@@ -162,7 +258,6 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
     if qc is None:
         raise ValueError(f"{export}/config.json has no quantization_config")
     native = qc.get("quant_method") == "mxfp4"
-    ct_cfg = None if native else _ct_config(qc)
     reader = _ExportReader(export, names)
     expected: set[str] = set()
     from compressed_tensors.utils.match import match_name
@@ -171,6 +266,13 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
     infos = ref.tensors()
     plans = cv.attach_siblings([cv.plan_tensor(i.name, i.dtype, i.shape, scheme, ref.model_type) for i in infos],
                                scheme)
+    structure, meta = _structure_check(ref, ecfg), _metadata_check(ref, scheme, plans, ecfg, reader)
+    try:
+        ct_cfg = None if native else _ct_config(qc)
+    except ValueError as e:   # compressed-tensors itself refuses the config: so would a server
+        meta.fail(f"config.json quantization_config is not a valid compressed-tensors config: {e}")
+        return VerifyReport([structure, meta, names])
+    bad_meta = {f.split(":", 1)[0] for f in meta.failures}    # tensor names the metadata check failed
     for info, plan in zip(infos, plans):
         expected.update(s.name for s in plan.outputs)
         missing = [s.name for s in plan.outputs if s.name not in reader]
@@ -178,6 +280,8 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
             names.fail(f"{info.name}: export lacks {missing}")
             continue
         names.count += 1
+        if any(s.name in bad_meta for s in plan.outputs):
+            continue                     # reported by the metadata check; readers would crash on it
         with safe_open(os.path.join(ref.root, info.shard), "pt") as h:
             w = h.get_tensor(info.name)
         if plan.kind == "copy":
@@ -203,8 +307,12 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
             gptoss.count += 1
-            served = convert_moe_packed_tensors(reader.get(f"{info.name}_blocks"), reader.get(f"{info.name}_scales"),
-                                                dtype=torch.bfloat16)
+            try:
+                served = convert_moe_packed_tensors(reader.get(f"{info.name}_blocks"),
+                                                    reader.get(f"{info.name}_scales"), dtype=torch.bfloat16)
+            except Exception as e:  # noqa: BLE001 - as for compressed-tensors below
+                gptoss.fail(f"{info.name}: transformers cannot dequantize it ({type(e).__name__}: {e})")
+                continue
             want = scheme.fake_quantize(w.transpose(-1, -2).contiguous(), info.name).transpose(-1, -2)
             if not torch.equal(served, want.to(served.dtype)):
                 gptoss.fail(f"{info.name}: max |Δ| {(served.float() - want.float()).abs().max().item():.3g}")
@@ -215,7 +323,11 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
         if ct_scheme is None:
             ignore.fail(f"{plan.module} is packed but ignored by quantization_config")
             continue
-        served = _decompress_ct(ct_cfg, ct_scheme, plan.module, reader)
+        try:
+            served = _decompress_ct(ct_cfg, ct_scheme, plan.module, reader)
+        except Exception as e:  # noqa: BLE001 - a consumer that cannot decode it is a failed check
+            packed.fail(f"{plan.module}: compressed-tensors cannot decompress it ({type(e).__name__}: {e})")
+            continue
         want = cv.fake_quantize(scheme, w, plan.module, [ref.read_any(n) for n in plan.siblings])
         if served.shape != want.shape or not torch.equal(served, want.to(served.dtype)):
             diff = (served.float() - want.float()).abs().max().item() if served.shape == want.shape else "shape"
@@ -227,7 +339,7 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
     gptoss.detail = packed.detail
     copied.detail = "byte-identical"
     ignore.detail = f"{len(qc.get('ignore', qc.get('modules_to_not_convert', [])))} entries, router never packed"
-    checks = [names, packed if not native else gptoss, copied, ignore]
+    checks = [structure, meta, names, packed if not native else gptoss, copied, ignore]
     report = VerifyReport(checks)
     n_params = sum(t.nbytes // t.dtype.itemsize for t in ref.tensors())
     if logits or (logits is None and n_params <= max_logit_params):

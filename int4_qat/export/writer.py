@@ -22,6 +22,13 @@ is the tensors in flight, never a whole shard.
    reader that sees ``<output>/model.safetensors.index.json`` sees a finished export. A process
    killed with SIGKILL can leave a ``*.tmp-*`` directory, which is never mistaken for an export
    and is removed by the next export to the same output.
+
+What the user gave is never touched (:func:`check_output_location`, run before anything is
+written): the output may not be the input, lie inside it, or contain it (paths compared after
+resolving symlinks), with or without ``--overwrite``; and ``--overwrite`` replaces only a previous
+export (a directory holding ``int4_qat_export.json``) or an empty directory, never other data.
+A filesystem error while writing (read-only, full, file-size limit, no permission) removes the
+temp dir and is re-raised as an ``OSError`` that names the file or the output.
 """
 from __future__ import annotations
 
@@ -35,6 +42,8 @@ from typing import Iterable
 import torch
 
 __all__ = [
+    "EXPORT_META",
+    "check_output_location",
     "SAFETENSORS_DTYPES",
     "TensorSpec",
     "ShardWriter",
@@ -44,6 +53,8 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+#: Written into every export (the scheme, for verification); marks a directory --overwrite may replace.
+EXPORT_META = "int4_qat_export.json"
 
 # torch dtype -> safetensors dtype tag (safetensors/src/tensor.rs `Dtype`)
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
@@ -116,8 +127,9 @@ class ShardWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._f = open(path, "wb")
-        self._f.write(len(raw).to_bytes(8, "little"))
-        self._f.write(raw)
+        with self._naming_errors():
+            self._f.write(len(raw).to_bytes(8, "little"))
+            self._f.write(raw)
         self._next = 0
         self._written = 0
 
@@ -136,7 +148,8 @@ class ShardWriter:
         self._written += data.numel()
         if self._written > spec.nbytes:
             raise RuntimeError(f"{self.path}: more data than announced for {spec.name} {list(spec.shape)}")
-        self._f.write(memoryview(data.numpy()))
+        with self._naming_errors():
+            self._f.write(memoryview(data.numpy()))
         if self._written == spec.nbytes:
             self._next += 1
             self._written = 0
@@ -146,13 +159,66 @@ class ShardWriter:
             missing = [s.name for s in self.specs[self._next:]]
             self._f.close()
             raise RuntimeError(f"{self.path}: tensors announced but not written: {missing[:5]}")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with self._naming_errors():
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def _naming_errors(self):
+        return _naming_os_errors(self.path)
 
     def abort(self) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+class _naming_os_errors:
+    """Context manager: an ``OSError`` without a file name (``write`` on a full disk) gets ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, OSError) and exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), self.path) from exc
+        return False
+
+
+def _within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output_location(output: str, inputs: Iterable[str], overwrite: bool = False) -> None:
+    """Refuse, before anything is written, an output that would touch what the user gave:
+    ``output`` equal to, inside, or containing an input (symlinks resolved); with ``overwrite``,
+    an existing ``output`` that is not a previous export (``EXPORT_META``) or an empty directory."""
+    out = os.path.realpath(output)
+    for given in inputs:
+        src = os.path.realpath(given)
+        rel = ("is the input" if out == src else "lies inside the input" if _within(out, src)
+               else "contains the input" if _within(src, out) else None)
+        if rel:
+            raise ValueError(f"output {output} {rel} {given}: exporting there would overwrite or "
+                             f"delete the source; fix: choose an output directory outside {given}")
+    if not os.path.lexists(output):
+        return
+    if not os.path.isdir(output):
+        raise ValueError(f"output {output} exists and is not a directory; fix: choose another output "
+                         f"path or remove that file yourself")
+    entries = sorted(os.listdir(output))
+    if not entries:
+        return
+    if not overwrite:
+        raise ValueError(f"output {output} already exists and is not empty; choose another "
+                         "directory or pass --overwrite")
+    if EXPORT_META not in entries:
+        raise ValueError(f"output {output} holds files that are not an export of this tool "
+                         f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}): --overwrite "
+                         f"replaces only a previous export (a directory with {EXPORT_META}); fix: "
+                         f"choose another output directory, or remove it yourself")
 
 
 @dataclass
@@ -160,23 +226,20 @@ class ExportDir:
     """Temp dir beside ``output``; :meth:`commit` writes the index last and renames into place.
 
     Use as a context manager: leaving the block with an exception removes the temp dir.
-    ``overwrite=False`` refuses an existing non-empty ``output`` before anything is written.
+    :func:`check_output_location` runs at construction, before anything is written (``inputs``:
+    the directories the export reads).
     """
 
     output: str
     overwrite: bool = False
+    inputs: tuple[str, ...] = ()
     tmp: str = field(init=False, default="")
     weight_map: dict[str, str] = field(init=False, default_factory=dict)
     total_size: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.output = os.path.abspath(self.output)
-        if os.path.exists(self.output) and not self.overwrite:
-            if not os.path.isdir(self.output) or os.listdir(self.output):
-                raise ValueError(
-                    f"output {self.output} already exists and is not empty; choose another "
-                    "directory or pass --overwrite"
-                )
+        check_output_location(self.output, self.inputs, self.overwrite)
 
     def __enter__(self) -> "ExportDir":
         parent = os.path.dirname(self.output)
@@ -191,6 +254,9 @@ class ExportDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.tmp and os.path.isdir(self.tmp):
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc_type is not None and issubclass(exc_type, OSError) and exc.filename is None:
+            # e.g. json.dump / shutil.copy2 of a side file on a full disk: say where
+            raise OSError(exc.errno, exc.strerror or str(exc), self.output) from exc
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)

@@ -1,0 +1,233 @@
+"""How every command-line entry point fails: one line, a documented exit code, no traceback.
+
+Library code raises; it never prints or exits. A tool's ``main`` is wrapped once::
+
+    @cli_main("export")
+    def main(argv=None) -> int: ...          # returns 0, or 1 when a check it ran failed
+
+and whatever escapes it becomes **one line** on stderr, ``<prog>: error: <what>, <where>; fix:
+<fix>`` (the message is the exception's, which names the file / key / tensor), and an exit code:
+
+====  =====================================================================================
+0     success
+1     a check ran and failed (``verify_export`` FAIL, ``launch.py check`` problems, a
+      non-finite training loss)
+2     bad input: ``ValueError`` (``RecipeError``, ``CheckpointError``, JSON / YAML / UTF-8
+      decoding errors are ValueErrors) or ``OSError`` (missing file, read-only / full /
+      file-size-limited filesystem, no permission): the line names the path and the errno
+3     internal error (anything else: a bug, or a failure of a library below us); the line says
+      so and how to get the stack
+130   interrupted (Ctrl-C)
+====  =====================================================================================
+
+The stack is printed only with ``--debug`` on the command line (before any ``--``) or
+``INT4_QAT_DEBUG=1`` in the environment.
+
+Under ``torchrun`` (``python -m int4_qat.train``) each rank runs the wrapper: rank 0 prints the
+line, the other ranks stay quiet, and every rank writes the line to ``TORCHELASTIC_ERROR_FILE``
+(torch/distributed/elastic/multiprocessing/errors/error_handler.py reads it), so torchrun's
+single failure report names our message instead of asking for a traceback; ranks other than 0
+wait a moment before exiting so that rank 0 (the one that printed) is the reported root cause.
+When torchrun itself has ``TORCHELASTIC_ERROR_FILE`` set, the agent copies the root-cause file
+there, with our exit code as ``errorCode``: ``tools/launch.py train`` uses that to end with the
+same one line and exit code (:func:`read_torchelastic_error`).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Callable, Sequence
+
+__all__ = [
+    "EXIT_OK", "EXIT_CHECK_FAILED", "EXIT_BAD_INPUT", "EXIT_INTERNAL", "EXIT_INTERRUPTED",
+    "DEBUG_ENV", "cli_main", "run_cli", "classify", "one_line", "describe_os_error",
+    "positive_int", "positive_float", "add_debug_flag", "debug_requested", "read_torchelastic_error",
+]
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "INT4_QAT_DEBUG"
+MAX_CHARS = 2000          # an error line is bounded whatever the input (e.g. a YAML alias bomb)
+
+# What to do about a filesystem error, by errno (the message already names the path).
+_OS_FIX = {
+    errno.ENOSPC: "free space on that filesystem or write somewhere else",
+    errno.EDQUOT: "free space within your quota or write somewhere else",
+    errno.EFBIG: "the file-size limit was hit (ulimit -f, or the filesystem's maximum file size): "
+                 "raise it or write to another filesystem",
+    errno.EROFS: "the filesystem is read-only: choose a writable location",
+    errno.EACCES: "no permission: choose a location you can write, or fix its permissions",
+    errno.EPERM: "operation not permitted (immutable file, or no permission): choose another "
+                 "location, or fix its attributes / permissions",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+    errno.EISDIR: "the path is a directory where a file was expected: check the path",
+    errno.EEXIST: "the path already exists: choose another one",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.EMFILE: "too many open files: raise ulimit -n",
+}
+
+
+def one_line(msg: object, limit: int = MAX_CHARS) -> str:
+    """``msg`` on one line: lines stripped and joined with ``"; "`` (a header ending in ``:``
+    is joined with a space), cut at ``limit`` characters."""
+    parts = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    out = ""
+    for p in parts:
+        out += p if not out else ((" " if out.endswith(":") else "; ") + p)
+    if len(out) > limit:
+        out = out[:limit] + f"... ({len(out) - limit} more characters; --debug shows all)"
+    return out
+
+
+def describe_os_error(e: OSError) -> str:
+    """``<strerror> (<ERRNO>): <path>[ -> <path2>]; fix: <what to do>``."""
+    what = e.strerror or str(e) or type(e).__name__
+    name = errno.errorcode.get(e.errno or -1, "")
+    where = "" if e.filename is None else f": {e.filename}"
+    if getattr(e, "filename2", None) is not None:
+        where += f" -> {e.filename2}"
+    fix = _OS_FIX.get(e.errno or -1)
+    return f"{what}{f' ({name})' if name else ''}{where}" + (f"; fix: {fix}" if fix else "")
+
+
+def classify(e: BaseException) -> tuple[int, str]:
+    """``(exit code, one-line message)`` for an exception that escaped a tool's main."""
+    if isinstance(e, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, "interrupted"
+    if isinstance(e, OSError):
+        return EXIT_BAD_INPUT, one_line(describe_os_error(e))
+    if isinstance(e, ValueError):
+        return EXIT_BAD_INPUT, one_line(e)
+    if isinstance(e, ArithmeticError):     # FloatingPointError: a non-finite loss
+        return EXIT_CHECK_FAILED, one_line(e)
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, OSError):         # a library wrapped a filesystem error (e.g. torch DCP)
+        return EXIT_BAD_INPUT, one_line(describe_os_error(cause))
+    return EXIT_INTERNAL, one_line(f"internal error: {type(e).__name__}: {e}; this is a bug or an "
+                                   f"unexpected failure below int4_qat: rerun with --debug (or "
+                                   f"{DEBUG_ENV}=1) for the stack and report it")
+
+
+def debug_requested(argv: Sequence[str] | None) -> bool:
+    """``--debug`` among the arguments (before any ``--``), or ``INT4_QAT_DEBUG=1``."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return True
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--" in args:
+        args = args[:args.index("--")]
+    return "--debug" in args
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on error, print the Python stack too (or set {DEBUG_ENV}=1)")
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _write_torchelastic_error(line: str, code: int) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    # The layout torch's ErrorHandler.record_exception writes; "py_callstack" is what the agent
+    # prints as the failure's "traceback" (error_handler.py / errors/__init__.py ProcessFailure).
+    data = {"message": {"message": line, "extraInfo": {
+        "py_callstack": f"{line} (exit {code}; rerun with --debug for the stack)",
+        "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
+
+
+def read_torchelastic_error(path: str) -> tuple[int, str] | None:
+    """``(exit code, line)`` from the error file torchrun copied for its root-cause worker, when
+    that worker failed through :func:`run_cli`; ``None`` otherwise (file absent or foreign)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        msg = data["message"]
+        line, code = msg["message"], int(msg.get("errorCode", data.get("errorCode", 1)))
+        if not isinstance(line, str) or "(exit " not in msg["extraInfo"]["py_callstack"]:
+            return None
+        return code, line
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def run_cli(fn: Callable[[], int | None], prog: str, argv: Sequence[str] | None = None,
+            distributed: bool = False) -> int:
+    """Call ``fn()``; return its exit code, or print one line and return the code of the exception.
+
+    ``distributed``: running under torchrun (see the module docstring for what changes)."""
+    debug = debug_requested(argv)
+    try:
+        rc = fn()
+        return EXIT_OK if rc is None else int(rc)
+    except SystemExit:
+        raise
+    except BaseException as e:    # noqa: BLE001 - the whole point: nothing escapes as a stack
+        code, msg = classify(e)
+        line = f"{prog}: error: {msg}"
+        rank = _rank() if distributed else 0
+        if debug and rank == 0:
+            traceback.print_exc()
+        if rank == 0:
+            print(line, file=sys.stderr, flush=True)
+        if distributed:
+            if rank != 0 and code != EXIT_INTERRUPTED:
+                # torchrun's root cause is the failure with the earliest error-file timestamp
+                # (whole seconds): let rank 0, the one that printed, be it
+                time.sleep(2.0)
+            _write_torchelastic_error(line, code)
+        return code
+
+
+def cli_main(prog: str) -> Callable:
+    """Decorator for ``main(argv=None) -> int``: see :func:`run_cli`."""
+    def deco(fn: Callable) -> Callable[..., int]:
+        @functools.wraps(fn)
+        def wrapped(argv: Sequence[str] | None = None) -> int:
+            return run_cli(lambda: fn(argv), prog, argv)
+        return wrapped
+    return deco
+
+
+# ------------------------------------------------------------------ argparse value types
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1 (``--workers 0`` is refused, not silently odd)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite float > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
