@@ -97,7 +97,7 @@ def test_missing_inputs_are_notes_in_check_and_refused_by_train_and_slurm(tmp_pa
                                       d["train"].update(data=[str(tmp_path / "no-data")])))
     assert launch.main(["check", str(p)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"ok  {p}"
+    assert out[0].startswith(f"ok  {p}  (built pipeline stage(s) 0")   # the structural check ran too
     assert f"  note: {p}: model.checkpoint: {tmp_path / 'no-ckpt'} does not exist here" in out[1]
     assert f"  note: {p}: train.data[0]: {tmp_path / 'no-data'} does not exist here" in out[2]
     monkeypatch.delenv("DRY_RUN", raising=False)
