@@ -23,7 +23,7 @@ import torch
 from int4_qat.arch.hf_io import HFCheckpointReader, write_hf_checkpoint
 
 __all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "make_tiny_hf_checkpoint",
-           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf"]
+           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf", "export_via_model"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIGS_DIR = REPO_ROOT / "recipes" / "models"
@@ -110,3 +110,30 @@ def megatron_from_hf(ckpt_dir: str | os.PathLike):
     model = build_model(arch, use_te=False)
     import_hf_checkpoint(model, arch, ckpt_dir)
     return model.eval(), arch
+
+
+def export_via_model(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
+                     hf_dir: str | os.PathLike | None = None, **kw) -> Path:
+    """The test oracle for the streaming checkpoint export: the previous, gather-to-one-process
+    path. Builds the whole model on one CPU process (``int4_qat.checkpoint.load_model_for_export``,
+    fp32, ``int4_qat.compat.cpu``), writes its gathered weights as an intermediate HF dir
+    (``hf_dir``, kept; a temp dir by default) and exports that dir with the checkpoint's scheme.
+    Memory and disk: the whole model, twice -- tests only. ``kw``: ``export_hf_dir`` options."""
+    from int4_qat.arch import export_hf_state_dict, write_hf_checkpoint
+    from int4_qat.checkpoint import load_model_for_export, resolve_checkpoint
+    from int4_qat.export.pipeline import export_hf_dir, resolve_scheme
+
+    iter_dir = resolve_checkpoint(ckpt_dir)
+    scheme, (tp, ep) = resolve_scheme(None, None, None, None, str(iter_dir))
+    model, arch, _ = load_model_for_export(iter_dir)
+    config = dict(arch.hf_config)
+    dtypes = {p.dtype for p in model.parameters()}
+    config["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "") if len(dtypes) == 1 else "float32"
+    with tempfile.TemporaryDirectory(prefix="oracle-hf-") as tmp:
+        hf = Path(hf_dir) if hf_dir is not None else Path(tmp)
+        write_hf_checkpoint(export_hf_state_dict(model, arch), hf, config=config)
+        del model
+        kw.setdefault("progress", False)
+        export_hf_dir(str(hf), str(output_dir), scheme, serving_tp=kw.pop("serving_tp", tp),
+                      serving_ep=kw.pop("serving_ep", ep), **kw)
+    return Path(output_dir)
