@@ -62,7 +62,7 @@ def _venv_bin(name: str) -> str:
 
 def check(paths: list[str]) -> int:
     """Validate every recipe; one line per problem; 0 when all pass."""
-    from int4_qat.planner import check_recipe
+    from int4_qat.planner import check_recipe, plan
     bad = 0
     for p in paths:
         problems = check_recipe(p)
@@ -71,10 +71,16 @@ def check(paths: list[str]) -> int:
         if problems:
             bad += 1
         else:
-            print(f"ok  {p}")
+            e = plan(Recipe.load(p))["export"]
+            print(f"ok  {p}  (export: {e['processes']} process(es) x {e['ram_per_process_gb']:.1f} GB RAM, "
+                  f"{_bytes(e['disk_bytes'])} disk)")
     if bad:
         print(f"{bad} of {len(paths)} recipe(s) have problems", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _load_checked(path: str, cpu: bool = False) -> Recipe:
@@ -198,11 +204,15 @@ def slurm(path: str, extra: list[str]) -> int:
 
 
 def export_commands(r: Recipe, recipe_path: str, extra: list[str]) -> list[list[str]]:
+    """``tools/export.py`` per format; ``export.processes`` > 1 adds ``--nproc N`` (the exporter
+    checks the checkpoint, then runs as N torchrun processes that split the output shards)."""
     cmds = []
     for fmt in r.export.formats:
         cmd = [sys.executable, str(REPO / "tools" / "export.py"), "--input", str(r.train.checkpoint_dir),
                "--output", str(r.export.output_dir / fmt.value), "--format", fmt.value,
                "--recipe", str(Path(recipe_path).resolve())]
+        if r.export.processes > 1 and "--nproc" not in extra:
+            cmd += ["--nproc", str(r.export.processes)]
         cmds.append(cmd + extra)
     return cmds
 

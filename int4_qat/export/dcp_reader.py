@@ -87,11 +87,12 @@ class _BoxPlanner(LoadPlanner):
 class DistCheckpointReader:
     """The tensors of one DCP checkpoint directory, readable box by box (see the module docstring).
 
-    ``tensors``: every tensor key -> :class:`TensorMeta` (``BytesStorageMetadata`` entries --
-    ``_extra_state``, RNG state -- are listed in ``byte_keys``).
+    ``tensors``: every tensor key -> :class:`TensorMeta`, except keys starting with
+    ``skip_prefixes`` (optimizer state); ``BytesStorageMetadata`` entries (``_extra_state``, RNG
+    state) are never read and not kept.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, skip_prefixes: tuple[str, ...] = ("optimizer.",)):
         self.dir = Path(path)
         meta_path = self.dir / ".metadata"
         if not meta_path.is_file():
@@ -101,15 +102,18 @@ class DistCheckpointReader:
             md = self._reader.read_metadata()
         except Exception as e:  # pickle / EOF errors of a damaged file
             raise ValueError(f"{meta_path}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+        # Entries never read (optimizer state, bytes objects) are dropped after unpickling: the
+        # metadata of a large MoE checkpoint holds several entries per parameter (~3 KB each).
+        self.skipped = 0
+        for k in [k for k, v in md.state_dict_metadata.items()
+                  if k.startswith(skip_prefixes) or not isinstance(v, TensorStorageMetadata)]:
+            del md.state_dict_metadata[k]
+            self.skipped += 1
+        for index in [i for i in md.storage_data if i.fqn not in md.state_dict_metadata]:
+            del md.storage_data[index]
         self._reader.set_up_storage_reader(md, True)
         self._md = md
-        self.tensors: dict[str, TensorMeta] = {}
-        self.byte_keys: list[str] = []
-        for k, v in md.state_dict_metadata.items():
-            if isinstance(v, TensorStorageMetadata):
-                self.tensors[k] = TensorMeta(k, v)
-            else:
-                self.byte_keys.append(k)
+        self.tensors: dict[str, TensorMeta] = {k: TensorMeta(k, v) for k, v in md.state_dict_metadata.items()}
 
     # ------------------------------------------------------------------ checks
     def check_files(self, keys) -> None:

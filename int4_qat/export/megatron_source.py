@@ -273,38 +273,55 @@ class MegatronSource:
             out[k] = out.get(k, 0) + t.nbytes
         return out
 
-    def _separated(self, slot: Slot) -> list[torch.Tensor]:
+    @property
+    def collective(self) -> bool:
+        """Reads are collectives (a live model): every rank reads the same tensors in the same
+        order, passing ``dst`` (the rank that receives; others get ``None``)."""
+        return getattr(self.pieces, "collective", False)
+
+    def _read(self, slot: Slot, rows=None, dst=None):
+        return self.pieces.read(slot, rows, dst=dst) if self.collective else self.pieces.read(slot, rows)
+
+    def _separated(self, slot: Slot, dst=None) -> list[torch.Tensor] | None:
         if slot in self._cache:
             self._cache.move_to_end(slot)
             return self._cache[slot]
         rule = self._rules[slot.rule]
+        full = self._read(slot, dst=dst)
+        if full is None:
+            return None
         try:
-            hf = rule.separate(self.arch, self.pieces.read(slot))
+            hf = rule.separate(self.arch, full)
         except RuntimeError as e:  # a reshape of a mis-shaped tensor
             raise ValueError(f"{self.root}: cannot convert {self.pieces.describe(slot)} to HF: {e}") from None
-        if rule.to_hf is not None and len(hf) > 1:
+        # (a collective source never caches: every rank must take part in every read)
+        if rule.to_hf is not None and len(hf) > 1 and not self.collective:
             self._cache[slot] = hf
             while len(self._cache) > self._CACHE:
                 self._cache.popitem(last=False)
         return hf
 
-    def read_tensor(self, info: TensorInfo, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """HF tensor ``info`` (or rows / experts ``[a, b)`` of its dim 0)."""
+    def read_tensor(self, info: TensorInfo, rows: tuple[int, int] | None = None, dst: int | None = None):
+        """HF tensor ``info`` (or rows / experts ``[a, b)`` of its dim 0); ``dst``: see ``collective``."""
         e = self._entries[info.name]
         rule = self._rules[e.rule]
         if rule.stacked:
             lo, hi = rows or (0, self.arch.shape.num_experts)
-            return torch.stack([self._separated(Slot(e.rule, e.layer, x))[e.index] for x in range(lo, hi)])
+            parts = [self._separated(Slot(e.rule, e.layer, x), dst) for x in range(lo, hi)]
+            return None if any(p is None for p in parts) else torch.stack([p[e.index] for p in parts])
         slot = Slot(e.rule, e.layer, e.expert)
         if rows is not None and rule.to_hf is None:
-            return self.pieces.read(slot, rows)
-        t = self._separated(slot)[e.index]
+            return self._read(slot, rows, dst)
+        hf = self._separated(slot, dst)
+        if hf is None:
+            return None
+        t = hf[e.index]
         return t if rows is None else t[rows[0]:rows[1]]
 
-    def read_any(self, name: str) -> torch.Tensor:
+    def read_any(self, name: str, dst: int | None = None):
         if name not in self._by_name:
             raise ValueError(f"{self.root}: no tensor {name}")
-        return self.read_tensor(self._by_name[name])
+        return self.read_tensor(self._by_name[name], dst=dst)
 
     def chunks(self, info: TensorInfo, max_bytes: int) -> list[tuple[int, int] | None]:
         """Dim-0 ranges of ``info`` of about ``max_bytes`` that each read whole stored pieces:

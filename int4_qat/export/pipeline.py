@@ -16,8 +16,8 @@ looks finished:
 3. stream: tensor by tensor (large ones in dim-0 chunks of ≤ ``chunk_bytes``); the main thread
    reads, a thread pool converts (torch kernels release the GIL), results are written in order
    into a pre-announced safetensors header (:class:`~int4_qat.export.writer.ShardWriter`); at most
-   ``chunk_bytes`` of input is in flight (or one larger item), so memory is bounded by the largest
-   tensor (or chunk), never by the model. With N processes (``torchrun``, :mod:`.procs`) each
+   ``INFLIGHT_BYTES`` of input is in flight (or one larger item, alone), so memory is bounded by
+   the largest tensor (or chunk), never by the model. With N processes (``torchrun``, :mod:`.procs`) each
    writes its own shards into the shared temp dir; a source that reads with collectives (a live
    model) is walked by every rank in the same order and only each shard's owner converts it;
 4. rank 0 writes ``config.json`` (+ ``quantization_config``), tokenizer / generation files and
@@ -51,6 +51,7 @@ __all__ = ["ExportResult", "export_checkpoint", "export_hf_dir", "export_source"
 EXPORT_META = "int4_qat_export.json"
 CHUNK_BYTES = 256 << 20  # input bytes per work item for tensors whose rows are independent
 MAX_SHARD_BYTES = 2 * 10**9  # output bytes per shard, for sources without their own sharding
+INFLIGHT_BYTES = 64 << 20  # input bytes being converted at once (one larger item runs alone)
 
 
 @dataclass
@@ -110,7 +111,9 @@ def _ordered(fn: Callable, descs: Iterable, prepare: Callable, cost: Callable, w
     if workers <= 1:
         for d in descs:
             it = prepare(d)
-            yield it, fn(it)
+            out = fn(it)
+            yield it, out
+            it = out = None     # drop the last item before the next read: one large tensor at a time
         return
     window: deque = deque()
     inflight = 0
@@ -122,6 +125,7 @@ def _ordered(fn: Callable, descs: Iterable, prepare: Callable, cost: Callable, w
                     it, fut, ic = window.popleft()
                     inflight -= ic
                     yield it, fut.result()
+                    it = fut = None
                 it = prepare(d)
                 window.append((it, pool.submit(fn, it), c))
                 inflight += c
@@ -146,9 +150,11 @@ class _Loader:
         info = self.infos[plan.source]
         if not plan.split_dim0 or not info.shape:
             return [None]
+        # a packed chunk (gpt-oss experts) needs ~14x its bytes of quantizer temporaries: keep it small
+        size = self.chunk_bytes if plan.kind == "copy" else min(self.chunk_bytes, INFLIGHT_BYTES)
         if hasattr(self.source, "chunks"):
-            return self.source.chunks(info, self.chunk_bytes)
-        return cv.chunk_rows(plan, info.shape, info.dtype.itemsize, self.chunk_bytes) or [None]
+            return self.source.chunks(info, size)
+        return cv.chunk_rows(plan, info.shape, info.dtype.itemsize, size) or [None]
 
     def cost(self, plan: cv.TensorPlan, rows) -> int:
         info = self.infos[plan.source]
@@ -205,6 +211,7 @@ def _write_plans(writer: ShardWriter | None, plans: list[cv.TensorPlan], load: _
                 for j, spec in enumerate(plan.outputs[1:]):
                     writer.write(spec.name, torch.cat([h[j] for h in held]))
                 held = []
+        outs = None      # (the input of a copy) freed before the next read
         if progress is not None:
             progress.update(nbytes)
 
@@ -292,14 +299,25 @@ def export_source(source, output_dir: str, scheme, *, serving_tp: int = 1, servi
                   chunk_bytes: int = CHUNK_BYTES, max_shard_bytes: int = MAX_SHARD_BYTES,
                   allow_unservable: bool = False, side_dir: str | None = None,
                   source_desc: str | None = None, meta: dict | None = None, procs: ExportProcs | None = None,
-                  _fail_after: int | None = None, _t0: float | None = None) -> ExportResult:
+                  check_only: bool = False, _fail_after: int | None = None, _t0: float | None = None) -> ExportResult:
     """Export ``source`` with an already-resolved ``scheme`` (see the module docstring).
 
     ``procs``: the processes sharing the work (default: this process, or the torchrun job it is
     part of). Bad input raises ``ValueError`` on every rank before any output exists.
-    ``_fail_after`` (tests) raises after that many of this rank's shards were written.
+    ``check_only``: plan and check everything (input, scheme, servability, output dir), write
+    nothing, return the planned sizes. ``_fail_after`` (tests) raises after that many of this
+    rank's shards were written.
     """
     t0 = _t0 or time.perf_counter()
+    if check_only:
+        shards, _, flat = _plan_job(source, scheme, serving_tp, serving_ep, allow_unservable, max_shard_bytes)
+        ExportDir(output_dir, overwrite=overwrite)
+        infos = {t.name: t for t in source.tensors()}
+        return ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict(), shards=len(shards),
+                            input_bytes=sum(t.nbytes for t in infos.values()),
+                            output_bytes=sum(s.nbytes for p in flat for s in p.outputs),
+                            packed=[p.module for p in flat if p.kind != "copy"],
+                            copied=sum(p.kind == "copy" for p in flat), seconds=time.perf_counter() - t0)
     procs = procs or ExportProcs.from_env()
     collective = getattr(source, "collective", False)
     out, err = None, None
@@ -342,11 +360,11 @@ def export_source(source, output_dir: str, scheme, *, serving_tp: int = 1, servi
                 raise RuntimeError(f"injected failure after {done} shard(s)")
             load.dst = owner[i]
             if i not in mine:
-                _write_plans(None, plans, load, scheme, workers, chunk_bytes, None)
+                _write_plans(None, plans, load, scheme, workers, INFLIGHT_BYTES, None)
                 continue
             writer = ShardWriter(target.path(names[i]), [s for p in plans for s in p.outputs])
             try:
-                _write_plans(writer, plans, load, scheme, workers, chunk_bytes, bar)
+                _write_plans(writer, plans, load, scheme, workers, INFLIGHT_BYTES, bar)
                 writer.close()
             finally:
                 writer.abort()
@@ -383,7 +401,7 @@ def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None
                       serving_ep: int | None = None, workers: int | None = None, overwrite: bool = False,
                       progress: bool = True, chunk_bytes: int = CHUNK_BYTES, max_shard_bytes: int = MAX_SHARD_BYTES,
                       allow_unservable: bool = False, procs: ExportProcs | None = None,
-                      _fail_after: int | None = None) -> ExportResult:
+                      check_only: bool = False, _fail_after: int | None = None) -> ExportResult:
     """Export ``input_dir``: an HF BF16 dir, or a training checkpoint (a checkpoint root with
     ``latest``, or an ``iter_*`` dir), streamed without building the model
     (:mod:`int4_qat.export.megatron_source`).
@@ -393,7 +411,7 @@ def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None
     t0 = time.perf_counter()
     kw = dict(workers=workers, overwrite=overwrite, progress=progress, chunk_bytes=chunk_bytes,
               max_shard_bytes=max_shard_bytes, allow_unservable=allow_unservable, procs=procs,
-              _fail_after=_fail_after, _t0=t0)
+              check_only=check_only, _fail_after=_fail_after, _t0=t0)
     if is_training_checkpoint(input_dir):
         from int4_qat.export.megatron_source import checkpoint_export_args, open_checkpoint_source
 
