@@ -22,7 +22,9 @@ process group exists),
 its peak RSS (``VmHWM``) and the time of the work itself (process start-up and gloo rendezvous
 are excluded: they are a constant of the machine, several seconds here). Throughput = GB of
 checkpoint model bytes / s. "(peak - imports) / largest" relates each process's working memory to
-the largest tensor of the model; it must stay flat as the model grows.
+the largest tensor of the model; it must stay flat as the model grows. "planner GB/proc" is
+``int4_qat.planner.export_plan`` for the same model (what ``tools/plan_memory.py`` states for a
+recipe), to check the formula against the measurement.
 """
 import argparse
 import json
@@ -170,8 +172,12 @@ def main() -> None:
     print(f"\nformat {args.format}; largest tensor {largest / 1e6:.0f} MB (embedding / lm_head, BF16); "
           f"{args.rounds} interleaved rounds, best of each")
     print(f"{'model GB':>8} {'method':<10} {'time s':>7} {'GB/s':>6} {'vs copy':>8} {'peak RSS GB/proc':>17} "
-          f"{'imports GB':>11} {'(peak-imports)/largest':>23}")
+          f"{'imports GB':>11} {'(peak-imports)/largest':>23} {'planner GB/proc':>16}")
+    from int4_qat.planner import arch_shape, export_plan
+
     for size, layers, mb, best in rows:
+        est = export_plan(arch_shape(_config(layers)), args.format, 128 if args.format == "int4" else
+                          (32 if args.format == "mxfp4" else 16), "experts", optimizer_entries=0)["ram_per_process_gb"]
         copy_gbs = mb / 1e9 / best["copy"][0]["seconds"]
         for m in ("copy", "export", "export2"):
             g = best[m]
@@ -180,8 +186,9 @@ def main() -> None:
             imp = max(x["rss_imports"] for x in g)
             label = {"copy": "copy", "export": "export x1", "export2": "export x2"}[m]
             ratio = "" if m == "copy" else f"{max(x['peak_rss'] - x['rss_imports'] for x in g) / largest:>23.2f}"
+            plan = "" if m == "copy" else f"{est:>16.2f}"
             print(f"{mb / 1e9:>8.2f} {label:<10} {t:>7.1f} {mb / 1e9 / t:>6.2f} {mb / 1e9 / t / copy_gbs:>8.2f} "
-                  f"{peak / 1e9:>17.2f} {imp / 1e9:>11.2f} {ratio}")
+                  f"{peak / 1e9:>17.2f} {imp / 1e9:>11.2f} {ratio:>23} {plan}")
     print(f"\ncores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (a shared machine makes times noisy)")
 
 

@@ -138,7 +138,8 @@ class CheckpointPieces:
             found = [p for p in cands if all(k in reader.tensors for k in p.keys)]
             if not found:
                 if rule.export:          # a tied output_layer may or may not be saved
-                    missing.append(f"{cands[0].keys[0]} (or {' / '.join('+'.join(c.keys) for c in cands[1:3])})")
+                    alt = " / ".join("+".join(c.keys) for c in cands[1:3])
+                    missing.append(cands[0].keys[0] + (f" (or {alt})" if alt else ""))
                 continue
             if len({p.keys for p in found}) > 1:
                 raise ValueError(f"{where}: checkpoint holds {rule.mcore[0].format(layer=slot.layer, expert=slot.expert)} "
