@@ -228,7 +228,8 @@ class _Entry:
 class MegatronSource:
     """An HF checkpoint view of Megatron pieces (see the module docstring)."""
 
-    _CACHE = 4   # separated Megatron tensors kept (gate/up, q/k/v partners are read together)
+    _CACHE = 4   # separated Megatron tensors kept (gate/up, q/k/v partners are read together) ...
+    _CACHE_BYTES = 64 << 20   # ... beyond the newest one, at most this much
 
     def __init__(self, arch, pieces, root: str, config: dict | None = None):
         from int4_qat.arch import expected_hf_tensors
@@ -298,7 +299,8 @@ class MegatronSource:
         # (a collective source never caches: every rank must take part in every read)
         if rule.to_hf is not None and len(hf) > 1 and not self.collective:
             self._cache[slot] = hf
-            while len(self._cache) > self._CACHE:
+            while len(self._cache) > 1 and (len(self._cache) > self._CACHE or sum(
+                    t.untyped_storage().nbytes() for v in self._cache.values() for t in v[:1]) > self._CACHE_BYTES):
                 self._cache.popitem(last=False)
         return hf
 

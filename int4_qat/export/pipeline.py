@@ -31,27 +31,20 @@ import json
 import os
 import shutil
 import time
-from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
-
-import torch
-from safetensors import safe_open
 
 from int4_qat.export import convert as cv
 from int4_qat.export.ct_config import gpt_oss_modules_to_not_convert, ignore_list, quantization_config
 from int4_qat.export.procs import ExportProcs, assign_shards
 from int4_qat.export.source import SIDE_FILES, HFSource, TensorInfo, open_hf_source
-from int4_qat.export.writer import ExportDir, ShardWriter, shard_name
+from int4_qat.export.streaming import CHUNK_BYTES, INFLIGHT_BYTES, write_shards
+from int4_qat.export.writer import ExportDir, shard_name
 
 __all__ = ["ExportResult", "export_checkpoint", "export_hf_dir", "export_source", "resolve_scheme",
-           "plan_shards", "EXPORT_META", "CHUNK_BYTES", "MAX_SHARD_BYTES"]
+           "plan_shards", "EXPORT_META", "CHUNK_BYTES", "INFLIGHT_BYTES", "MAX_SHARD_BYTES"]
 
 EXPORT_META = "int4_qat_export.json"
-CHUNK_BYTES = 256 << 20  # input bytes per work item for tensors whose rows are independent
 MAX_SHARD_BYTES = 2 * 10**9  # output bytes per shard, for sources without their own sharding
-INFLIGHT_BYTES = 64 << 20  # input bytes being converted at once (one larger item runs alone)
 
 
 @dataclass
@@ -100,120 +93,6 @@ def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, r
     if scope is not None:
         kw["scope"] = scope
     return QuantScheme(**kw), serving
-
-
-# ---------------------------------------------------------------------------- streaming
-def _ordered(fn: Callable, descs: Iterable, prepare: Callable, cost: Callable, workers: int,
-             budget: int) -> Iterator:
-    """``fn(prepare(d))`` for each descriptor ``d``, in order, on a thread pool. ``prepare`` (the
-    read) runs in the calling thread, and only once the items in flight plus ``cost(d)`` fit in
-    ``budget`` bytes (one item is always admitted) and fewer than ``2 * workers`` are in flight."""
-    if workers <= 1:
-        for d in descs:
-            it = prepare(d)
-            out = fn(it)
-            yield it, out
-            it = out = None     # drop the last item before the next read: one large tensor at a time
-        return
-    window: deque = deque()
-    inflight = 0
-    with ThreadPoolExecutor(workers, thread_name_prefix="export") as pool:
-        try:
-            for d in descs:
-                c = cost(d)
-                while window and (len(window) >= 2 * workers or inflight + c > budget):
-                    it, fut, ic = window.popleft()
-                    inflight -= ic
-                    yield it, fut.result()
-                    it = fut = None
-                it = prepare(d)
-                window.append((it, pool.submit(fn, it), c))
-                inflight += c
-            while window:
-                it, fut, _ = window.popleft()
-                yield it, fut.result()
-        finally:
-            for _, fut, _ in window:
-                fut.cancel()
-
-
-class _Loader:
-    """Reads planned tensors from a source: whole or in dim-0 chunks; ``dst`` = the rank that
-    receives them from a collective source (others get ``None``)."""
-
-    def __init__(self, source, infos: dict[str, TensorInfo], chunk_bytes: int):
-        self.source, self.infos, self.chunk_bytes, self.dst = source, infos, chunk_bytes, None
-        self.collective = getattr(source, "collective", False)
-        self._handles: OrderedDict = OrderedDict()   # HF dirs: open safetensors shards (2 at most)
-
-    def chunks(self, plan: cv.TensorPlan) -> list:
-        info = self.infos[plan.source]
-        if not plan.split_dim0 or not info.shape:
-            return [None]
-        # a packed chunk (gpt-oss experts) needs ~14x its bytes of quantizer temporaries: keep it small
-        size = self.chunk_bytes if plan.kind == "copy" else min(self.chunk_bytes, INFLIGHT_BYTES)
-        if hasattr(self.source, "chunks"):
-            return self.source.chunks(info, size)
-        return cv.chunk_rows(plan, info.shape, info.dtype.itemsize, size) or [None]
-
-    def cost(self, plan: cv.TensorPlan, rows) -> int:
-        info = self.infos[plan.source]
-        n = info.nbytes if rows is None else info.nbytes // info.shape[0] * (rows[1] - rows[0])
-        return n + sum(self.infos[s].nbytes for s in plan.siblings)
-
-    def read(self, name: str, rows=None):
-        info = self.infos[name]
-        if isinstance(self.source, HFSource):
-            path = os.path.join(self.source.root, info.shard)
-            if path not in self._handles:
-                self._handles[path] = safe_open(path, "pt")
-                while len(self._handles) > 2:
-                    self._handles.popitem(last=False)
-            return self.source.read(self._handles[path], info, rows)
-        if self.collective:
-            return self.source.read_tensor(info, rows, dst=self.dst)
-        return self.source.read_tensor(info, rows)
-
-
-def _write_plans(writer: ShardWriter | None, plans: list[cv.TensorPlan], load: _Loader, scheme,
-                 workers: int, budget: int, progress) -> None:
-    """Convert ``plans`` and stream them into ``writer``. ``writer=None``: this rank only takes
-    part in a collective source's reads (the shard's owner converts and writes)."""
-
-    def descs():
-        for plan in plans:
-            chunks = load.chunks(plan)
-            for i, rows in enumerate(chunks):
-                yield plan, rows, i == len(chunks) - 1
-
-    def prepare(d):
-        plan, rows, last = d
-        return plan, rows, last, load.read(plan.source, rows), [load.read(n) for n in plan.siblings]
-
-    def work(item):
-        plan, rows, last, tensor, sibs = item
-        if tensor is None:
-            return None, 0
-        return cv.convert(plan, tensor, scheme, sibs), tensor.numel() * tensor.element_size()
-
-    held: list[list[torch.Tensor]] = []
-    for (plan, rows, last, _, _), (outs, nbytes) in _ordered(work, descs(), prepare, lambda d: load.cost(d[0], d[1]),
-                                                             workers, budget):
-        if writer is None:
-            continue
-        writer.write(plan.outputs[0].name, outs[0])
-        if rows is None:
-            for spec, t in zip(plan.outputs[1:], outs[1:]):
-                writer.write(spec.name, t)
-        else:  # chunked: stream output 0, hold the (small) others until the last chunk
-            held.append(outs[1:])
-            if last:
-                for j, spec in enumerate(plan.outputs[1:]):
-                    writer.write(spec.name, torch.cat([h[j] for h in held]))
-                held = []
-        outs = None      # (the input of a copy) freed before the next read
-        if progress is not None:
-            progress.update(nbytes)
 
 
 # ---------------------------------------------------------------------------- planning
@@ -319,81 +198,53 @@ def export_source(source, output_dir: str, scheme, *, serving_tp: int = 1, servi
                             packed=[p.module for p in flat if p.kind != "copy"],
                             copied=sum(p.kind == "copy" for p in flat), seconds=time.perf_counter() - t0)
     procs = procs or ExportProcs.from_env()
-    collective = getattr(source, "collective", False)
     out, err = None, None
-    try:
+    try:      # 1. plan (every rank, identically) and, on rank 0, the temp dir beside the output
         shards, config, flat = _plan_job(source, scheme, serving_tp, serving_ep, allow_unservable, max_shard_bytes)
         if procs.rank == 0:
             out = ExportDir(output_dir, overwrite=overwrite)    # refuses an existing output up front
             out.__enter__()
     except (ValueError, OSError) as e:
         err = e
-    procs.raise_any(err)
+    _collect(procs, out, err)
     tmp = procs.broadcast(out.tmp if out is not None else None)
-    target = out if out is not None else _RankDir(tmp)
     names = [shard_name(i, len(shards)) for i in range(len(shards))]
     infos = {t.name: t for t in source.tensors()}
     in_bytes = [sum(infos[p.source].nbytes for p in s) for s in shards]
     owner = {i: r for r, idx in enumerate(assign_shards(in_bytes, procs.world)) for i in idx}
-    mine = {i for i, r in owner.items() if r == procs.rank}
-    load = _Loader(source, infos, chunk_bytes)
-    result = ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict(), shards=len(shards),
-                          processes=procs.world)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = workers or max(1, min(2, (os.cpu_count() or 1) // max(1, local_world)))
-    bar = None
-    if progress and procs.rank == 0:
-        from tqdm import tqdm
-
-        desc = f"export {scheme.describe()}" + (f" (rank 0 of {procs.world})" if procs.world > 1 else "")
-        bar = tqdm(total=sum(in_bytes[i] for i in mine), unit="B", unit_scale=True, desc=desc)
-    threads = torch.get_num_threads()
-    if workers > 1:  # parallelism across tensors; one intra-op thread each avoids oversubscription
-        torch.set_num_threads(max(1, threads // workers))
     err = None
-    try:
-        done = 0
-        for i, plans in enumerate(shards):
-            if i not in mine and not collective:
-                continue
-            if _fail_after is not None and done >= _fail_after and i in mine:
-                raise RuntimeError(f"injected failure after {done} shard(s)")
-            load.dst = owner[i]
-            if i not in mine:
-                _write_plans(None, plans, load, scheme, workers, INFLIGHT_BYTES, None)
-                continue
-            writer = ShardWriter(target.path(names[i]), [s for p in plans for s in p.outputs])
-            try:
-                _write_plans(writer, plans, load, scheme, workers, INFLIGHT_BYTES, bar)
-                writer.close()
-            finally:
-                writer.abort()
-            done += 1
-    except Exception as e:  # noqa: BLE001 - reported to every rank, re-raised below
+    try:      # 2. this rank's shards
+        write_shards(source, infos, shards, names, owner, procs, out if out is not None else _RankDir(tmp),
+                      scheme, workers, chunk_bytes, progress, _fail_after)
+    except Exception as e:  # noqa: BLE001 - reported to every rank
         err = e
-    finally:
-        torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
-    try:
-        procs.raise_any(err)
-        if out is not None:
+    _collect(procs, out, err)
+    err = None
+    if out is not None:     # 3. rank 0: side files, the index last, the rename
+        try:
             for name, plans in zip(names, shards):
                 out.record_shard(name, [s for p in plans for s in p.outputs])
             _write_side_files(out, side_dir or getattr(source, "root", None), config, scheme,
                               source_desc or getattr(source, "root", ""), meta)
             out.commit({"format": scheme.format.value})
+        except Exception as e:  # noqa: BLE001
+            err = e
+    _collect(procs, out, err)   # every rank returns once the export is in place
+    return ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict(), input_bytes=sum(in_bytes),
+                        output_bytes=sum(s.nbytes for p in flat for s in p.outputs),
+                        packed=[p.module for p in flat if p.kind != "copy"],
+                        copied=sum(p.kind == "copy" for p in flat), seconds=time.perf_counter() - t0,
+                        shards=len(shards), processes=procs.world)
+
+
+def _collect(procs: ExportProcs, out: ExportDir | None, err: BaseException | None) -> None:
+    """Collective: raise on every rank if any failed; rank 0 then removes the temp dir."""
+    try:
+        procs.raise_any(err)
     except BaseException as e:
-        if out is not None:
+        if out is not None and out.tmp:
             out.__exit__(type(e), e, e.__traceback__)
         raise
-    procs.barrier()   # every rank returns once the export is in place
-    result.packed = [p.module for p in flat if p.kind != "copy"]
-    result.copied = sum(p.kind == "copy" for p in flat)
-    result.input_bytes = sum(in_bytes)
-    result.output_bytes = sum(s.nbytes for p in flat for s in p.outputs)
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None, group_size: int | None = None,
