@@ -88,6 +88,7 @@ def test_shard_assignment_is_deterministic_and_balanced():
     assert max(loads) - min(loads) <= max(sizes)
 
 
+@pytest.mark.slow
 def test_dcp_box_reads_match_full_tensor(ckpts):
     """Boxes that cut across stored chunks (a BF16 baseline stores each expert's fc1 as 2 chunks)."""
     from int4_qat.export.dcp_reader import DistCheckpointReader

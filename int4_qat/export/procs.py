@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 __all__ = ["ExportProcs", "assign_shards", "single_process"]
 
 _TIMEOUT = datetime.timedelta(hours=6)   # a rank may wait for the slowest one's shards
+_GLOO: dict = {}                          # one gloo group per NCCL job, reused by every export
 
 
 @dataclass
@@ -36,7 +37,11 @@ class ExportProcs:
         from int4_qat.parallel import dist_env
 
         if dist.is_available() and dist.is_initialized():
-            group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=_TIMEOUT)
+            group = None
+            if dist.get_backend() != "gloo":
+                if "group" not in _GLOO:
+                    _GLOO["group"] = dist.new_group(backend="gloo", timeout=_TIMEOUT)
+                group = _GLOO["group"]
             return cls(dist.get_rank(), dist.get_world_size(), group)
         env = dist_env()
         if env.world_size == 1:
