@@ -17,11 +17,12 @@ Layout (docs/DESIGN.md §5)::
                                   init source — and "complete": true
 
 What the distributed checkpoint holds: ``model`` (GPTModel.sharded_state_dict: every tensor keyed
-by its *global* name and offset, so it reloads under another TP/EP/PP — the exporter loads it at
-TP=EP=1 on one CPU process), ``optimizer`` (Megatron optimizer sharded state: Adam moments and
-the fp32 main params), ``scheduler`` (OptimizerParamScheduler state), ``step``,
-``consumed_samples`` (the data position) and ``rng`` (one ShardedObject per rank: torch CPU
-generator, Python ``random``, and on GPU the CUDA RNG tracker states).
+by its *global* name and offset, so it reloads under another TP/EP/PP, and the exporter streams
+it tensor by tensor without a model: int4_qat/export/megatron_source.py), ``optimizer``
+(Megatron optimizer sharded state: Adam moments and the fp32 main params), ``scheduler``
+(OptimizerParamScheduler state), ``step``, ``consumed_samples`` (the data position) and ``rng``
+(one ShardedObject per rank: torch CPU generator, Python ``random``, and on GPU the CUDA RNG
+tracker states).
 
 Cross-spec loads: a checkpoint written by the Transformer-Engine spec (GPU) names a few tensors
 differently from the local spec (CPU export, tests) and vice versa -- the MoE layers' pre-MLP norm
@@ -488,6 +489,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=No
 
 def load_model_for_export(ckpt_dir: str | os.PathLike):
     """``(model, arch, recipe)``: the trained model on one CPU process at TP=EP=PP=1.
+
+    For tests and small-model measurements (train-infer consistency, the export test oracle
+    ``int4_qat.testing.export_via_model``): it holds the whole model in fp32. The product export
+    streams the checkpoint instead (``int4_qat.export.megatron_source``).
 
     Initialises a single-process gloo group with ``int4_qat.compat.cpu`` when none exists (refuses
     to run inside a multi-process group), builds the architecture from the checkpoint's own

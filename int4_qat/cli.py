@@ -201,11 +201,13 @@ def run_cli(fn: Callable[[], int | None], prog: str, argv: Sequence[str] | None 
 
 
 def cli_main(prog: str) -> Callable:
-    """Decorator for ``main(argv=None) -> int``: see :func:`run_cli`."""
+    """Decorator for ``main(argv=None) -> int``: see :func:`run_cli` (``distributed`` when the
+    command runs as a torchrun worker, e.g. ``tools/export.py --nproc N``)."""
     def deco(fn: Callable) -> Callable[..., int]:
         @functools.wraps(fn)
         def wrapped(argv: Sequence[str] | None = None) -> int:
-            return run_cli(lambda: fn(argv), prog, argv)
+            distributed = "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+            return run_cli(lambda: fn(argv), prog, argv, distributed=distributed)
         return wrapped
     return deco
 

@@ -35,6 +35,18 @@ quantized (router, embeddings, norms, lm_head, biases always stay BF16): BF16 2 
 a 4 B global scale per tensor. A checkpoint "fits" N GPUs when its weights take ≤ 85% of their
 memory (the rest is KV cache and activations).
 
+**Export** (``tools/export.py`` of a training checkpoint, streamed without building the model;
+:func:`export_plan`), per process: the imports (torch, compressed-tensors, int4_qat: 0.45 GB
+measured, +0.15 GB when Megatron is imported for gpt-oss), the checkpoint's DCP metadata (every
+process unpickles it: ~3 KB per stored entry, measured; entries = model keys × 4 when the
+optimizer saves Adam moments and fp32 master copies per parameter, + the ``_extra_state``
+entries), the largest single read (a stored piece of the embedding / lm_head -- one TP chunk,
+or up to ``CHUNK_BYTES`` of rows -- or the largest fused Megatron matrix, e.g. a dense
+``linear_fc1``), the in-flight budget (``INFLIGHT_BYTES``) and, per conversion thread, the
+quantizer's temporaries for the largest quantized matrix (measured: ~6× its BF16 bytes for INT4,
+~14× for MXFP4 / NVFP4). Disk: the output checkpoint only (quantized weights packed, the rest in
+the checkpoint's dtype), written beside the output and renamed; no intermediate copy.
+
 **Launch checks** (:func:`check_recipe`, run by ``tools/launch.py`` before anything starts):
 the schema, the layout (:func:`int4_qat.parallel.validate_layout`: world size, expert folding,
 pipeline split, heads, groups vs TP/ETP shards), export formats equal to the trained format,
@@ -54,6 +66,7 @@ from int4_qat.arch.shape import ArchShape, arch_shape  # the one reading of conf
 __all__ = [
     "GB", "GPU_MEMORY_GB", "ArchShape", "ParamCounts", "arch_shape", "count_params",
     "serving_bytes", "SERVING_FORMATS", "TrainingMemory", "training_memory", "plan", "stage_layers",
+    "export_plan",
 ]
 
 GB = 1e9
@@ -272,6 +285,63 @@ def training_memory(a: ArchShape, c: ParamCounts, parallel, train, scope: str) -
     return best
 
 
+# ------------------------------------------------------------------------------- export
+#: the streaming exporter's work-item sizes (int4_qat/export/pipeline.py; a test checks they agree)
+CHUNK_BYTES = 256 << 20
+INFLIGHT_BYTES = 64 << 20
+EXPORT_WORKERS = 2
+_IMPORTS_GB = 0.45          # RSS after imports + planning, measured (bench/bench_export_ckpt.py)
+_MEGATRON_IMPORT_GB = 0.15  # load_arch imports Megatron for gpt-oss's activation
+_METADATA_BYTES_PER_ENTRY = 3000.0
+_PACK_TEMP_FACTOR = {"int4": 6.0, "mxfp4": 14.0, "nvfp4": 14.0}
+
+
+def _model_keys(a: ArchShape) -> tuple[int, int]:
+    """(tensor keys, Linear modules) of a quantized local-spec checkpoint of ``a`` (GLU fc1 as two
+    keys, one key per expert)."""
+    per_expert = 3 + (3 if a.expert_bias else 0)
+    n_moe = sum(a.moe_layers)
+    attn = 8 if a.mla else 6
+    keys = (a.layers * (attn + 2) + n_moe * (a.num_experts * per_expert + 2 + (3 if a.shared_experts else 0))
+            + (a.layers - n_moe) * 3 + 3)
+    linears = a.layers * (5 if a.mla else 2) + n_moe * (2 * a.num_experts + (2 if a.shared_experts else 0)) \
+        + (a.layers - n_moe) * 2 + 1
+    return keys, linears
+
+
+def export_plan(a: ArchShape, fmt: str, group: int, scope: str, *, weight_bytes: float = 2.0, tp: int = 1,
+                processes: int = 1, optimizer_entries: int = 3) -> dict[str, Any]:
+    """RAM per export process and disk of exporting a training checkpoint of ``a`` (see the
+    module docstring). ``weight_bytes``: 2 (bf16 GPU runs) or 4 (fp32 CPU runs); ``tp``: the
+    training TP (the embedding is stored in ``tp`` row chunks)."""
+    h = a.hidden
+    emb = a.vocab * h * weight_bytes
+    read = max(min(emb, CHUNK_BYTES), emb / tp)
+    mats = [2 * a.moe_intermediate * h if a.num_experts else 0,
+            2 * a.dense_intermediate * h if a.dense_layer_count else 0,
+            2 * a.shared_experts * a.shared_intermediate * h,
+            (a.heads * (a.mla["qk_nope"] + a.mla["v_head_dim"]) * a.mla["kv_lora_rank"]) if a.mla else a.qkv_out * h]
+    read = max(read, max(mats) * weight_bytes)
+    q = [(2 if a.family == "gpt_oss" else 1) * a.moe_intermediate * h] if a.num_experts else []
+    if scope == "all-linear" or not a.num_experts:
+        q += [m // 2 for m in mats[1:3]] + [mats[3], a.q_dim * h]
+    q_mat = max(q or [0]) * 2.0            # the quantizer works on bf16 / fp32 inputs alike
+    keys, linears = _model_keys(a)
+    entries = keys * (1 + optimizer_entries) + 2 * linears
+    imports = (_IMPORTS_GB + (_MEGATRON_IMPORT_GB if a.family == "gpt_oss" else 0)) * GB
+    metadata = entries * _METADATA_BYTES_PER_ENTRY
+    work = read + INFLIGHT_BYTES + EXPORT_WORKERS * _PACK_TEMP_FACTOR[fmt] * q_mat
+    c = count_params(a)
+    qp = quantized_params(c, scope) if a.num_experts or scope == "all-linear" else 0
+    disk = (c.total - qp) * weight_bytes + qp * _bytes_per_quantized_param(fmt, group)
+    per = imports + metadata + work
+    return {"processes": processes, "ram_per_process_gb": round(per / GB, 2),
+            "ram_total_gb": round(per * processes / GB, 1), "imports_gb": round(imports / GB, 2),
+            "metadata_gb": round(metadata / GB, 2), "largest_read_gb": round(read / GB, 3),
+            "working_gb": round(work / GB, 2), "input_gb": round(c.total * weight_bytes / GB, 1),
+            "disk_gb": round(disk / GB, 1), "disk_bytes": int(disk), "checkpoint_entries": int(entries)}
+
+
 def plan(recipe) -> dict[str, Any]:
     """Everything the planner reports for one recipe, as a JSON-able dict."""
     cfg = recipe.model.hf_config()
@@ -302,6 +372,9 @@ def plan(recipe) -> dict[str, Any]:
                                           recipe.parallel.last_stage_layers)},
         "training_per_gpu": {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(tm).items()},
         "serving": serving,
+        "export": export_plan(a, recipe.quant.format.value, recipe.quant.group_size, scope,
+                              weight_bytes=4.0 if recipe.train.precision.value == "fp32" else 2.0,
+                              tp=recipe.parallel.tp, processes=recipe.export.processes),
     }
 
 

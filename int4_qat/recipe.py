@@ -285,6 +285,8 @@ class ExportSection(_Section):
     serving_tp: StrictInt = Field(1, ge=1, description="SGLang --tp-size the export must be servable at")
     serving_ep: StrictInt = Field(1, ge=1, description="SGLang --ep-size; MoE weights are split over "
                                   "serving_tp / serving_ep ranks")
+    processes: StrictInt = Field(1, ge=1, description="tools/export.py processes on one node (torchrun); "
+                                 "the output is byte-identical for any count")
 
     @field_validator("output_dir", mode="after")
     @classmethod

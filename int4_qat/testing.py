@@ -23,7 +23,8 @@ import torch
 from int4_qat.arch.hf_io import HFCheckpointReader, write_hf_checkpoint
 
 __all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "make_tiny_hf_checkpoint",
-           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf", "random_hf_checkpoint"]
+           "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf", "random_hf_checkpoint",
+           "export_via_model", "synthetic_checkpoint"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIGS_DIR = REPO_ROOT / "recipes" / "models"
@@ -133,3 +134,82 @@ def random_hf_checkpoint(config: dict, out_dir: str | os.PathLike, *, shards: in
         return write_hf_checkpoint(tensors(), out, max_shard_bytes=1 << 62)
     total = sum(torch.Size(s).numel() for s in expected.values()) * torch.empty((), dtype=dtype).element_size()
     return write_hf_checkpoint(tensors(), out, max_shard_bytes=max(1, total // shards + 1))
+
+
+def export_via_model(ckpt_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
+                     hf_dir: str | os.PathLike | None = None, **kw) -> Path:
+    """The test oracle for the streaming checkpoint export: the previous, gather-to-one-process
+    path. Builds the whole model on one CPU process (``int4_qat.checkpoint.load_model_for_export``,
+    fp32, ``int4_qat.compat.cpu``), writes its gathered weights as an intermediate HF dir
+    (``hf_dir``, kept; a temp dir by default) and exports that dir with the checkpoint's scheme.
+    Memory and disk: the whole model, twice -- tests only. ``kw``: ``export_hf_dir`` options."""
+    from int4_qat.arch import export_hf_state_dict, write_hf_checkpoint
+    from int4_qat.checkpoint import load_model_for_export, resolve_checkpoint
+    from int4_qat.export.pipeline import export_hf_dir, resolve_scheme
+
+    iter_dir = resolve_checkpoint(ckpt_dir)
+    scheme, (tp, ep) = resolve_scheme(None, None, None, None, str(iter_dir))
+    model, arch, _ = load_model_for_export(iter_dir)
+    config = dict(arch.hf_config)
+    dtypes = {p.dtype for p in model.parameters()}
+    config["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "") if len(dtypes) == 1 else "float32"
+    with tempfile.TemporaryDirectory(prefix="oracle-hf-") as tmp:
+        hf = Path(hf_dir) if hf_dir is not None else Path(tmp)
+        write_hf_checkpoint(export_hf_state_dict(model, arch), hf, config=config)
+        del model
+        kw.setdefault("progress", False)
+        export_hf_dir(str(hf), str(output_dir), scheme, serving_tp=kw.pop("serving_tp", tp),
+                      serving_ep=kw.pop("serving_ep", ep), **kw)
+    return Path(output_dir)
+
+
+def synthetic_checkpoint(config: dict, out_dir: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                         seed: int = 0, recipe_yaml: str | None = None) -> Path:
+    """A training-checkpoint root (``out_dir/iter_0000001`` + ``latest``) of random weights, for
+    benchmarks and scale tests: the sharded-state keys of a quantized local-spec run (GLU
+    ``linear_fc1`` as ``_w`` / ``_v``, one key per expert) derived from the Rule table with the
+    checkpoint reader's own key conventions (``int4_qat.export.megatron_source.checkpoint_pieces``),
+    written with ``torch.distributed.checkpoint`` one tensor at a time (each tensor is generated
+    when DCP asks for it), so any size fits in memory. ``config``: an HF config.json dict."""
+    import zlib
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from int4_qat.arch import load_arch
+    from int4_qat.export.megatron_source import checkpoint_pieces, rule_slots
+
+    root = Path(out_dir)
+    it = root / "iter_0000001"
+    it.mkdir(parents=True, exist_ok=True)
+    (it / "config.json").write_text(json.dumps(config, indent=2))
+    arch = load_arch(it)
+    rules = arch.rules()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for slot in rule_slots(arch):
+        rule = rules[slot.rule]
+        if not rule.export:
+            continue
+        glu = rule.split == "glu"
+        piece = next(p for p in checkpoint_pieces(rule.mcore, slot.layer, slot.expert, glu)
+                     if p.expert is None and len(p.keys) == (2 if glu else 1))
+        full = tuple(rule.shape(arch.shape))
+        for k in piece.keys:
+            shapes[k] = (full[0] // 2, *full[1:]) if glu else full
+
+    class _Lazy(DefaultSavePlanner):
+        def resolve_data(self, write_item):
+            key = write_item.index.fqn
+            g = torch.Generator().manual_seed(seed * 1000003 + zlib.crc32(key.encode()))
+            shape = shapes[key]
+            t = torch.randn(shape, generator=g)
+            return (1 + 0.1 * t if len(shape) == 1 else 0.02 * t).to(dtype)
+
+    sd = {k: torch.empty(s, dtype=dtype, device="meta") for k, s in shapes.items()}
+    dcp.save(sd, storage_writer=FileSystemWriter(str(it), thread_count=1), planner=_Lazy(), no_dist=True)
+    if recipe_yaml is not None:
+        (it / "recipe.yaml").write_text(recipe_yaml)
+    (it / "train_state.json").write_text(json.dumps({"complete": True, "step": 1, "quantized": True}))
+    (root / "latest").write_text(it.name + "\n")
+    return root

@@ -369,7 +369,7 @@ def test_qat_int4_g32_moe_served_by_llama_cpp(tmp_path):
     from int4_qat.export.consistency import compare_logits, megatron_logits
     from int4_qat.export.gguf_eval import GGUFModel
     from int4_qat.export.gguf_export import write_gguf
-    from int4_qat.export.megatron_source import materialized_hf_dir
+    from int4_qat.export.megatron_source import open_checkpoint_source
     from int4_qat.export.source import open_hf_source
     from int4_qat.recipe import Recipe
     from int4_qat.train import train
@@ -402,12 +402,11 @@ def test_qat_int4_g32_moe_served_by_llama_cpp(tmp_path):
 
     # 2. llama.cpp runs it: logits on held-out text vs the training model
     tokens = D.pack_documents(docs[60:], D.ByteTokenizer(320), 64)[:8, :64]
-    with materialized_hf_dir(C.resolve_checkpoint(ckpt), str(tmp_path / "x")) as (hf_dir, _):
-        src = open_hf_source(hf_dir)
-        ctrl = {ft: write_gguf(src, str(tmp_path / f"{ft}.gguf"), float_type=ft, progress=False).output
-                for ft in ("f32", "bf16")}
-        # our weights in an F32 file: llama.cpp computes the training model without quantized arithmetic
-        fq_f32 = write_gguf(_Override(src, fq), str(tmp_path / "fq.gguf"), progress=False).output
+    src = open_checkpoint_source(ckpt)[0]      # the checkpoint's weights, streamed (no model)
+    ctrl = {ft: write_gguf(src, str(tmp_path / f"{ft}.gguf"), float_type=ft, progress=False).output
+            for ft in ("f32", "bf16")}
+    # our weights in an F32 file: llama.cpp computes the training model without quantized arithmetic
+    fq_f32 = write_gguf(_Override(src, fq), str(tmp_path / "fq.gguf"), progress=False).output
 
     def run(path):
         with GGUFModel(path, n_ctx=64) as m:

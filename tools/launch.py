@@ -95,7 +95,7 @@ def check(paths: list[str], build: bool = True) -> int:
     the formula checks are then built at their layout on meta tensors with the scheme applied
     (int4_qat.structure, one subprocess for all), and the ok line says what was built. Input paths
     missing on this machine are listed as notes (they do not fail a check; train / slurm refuse them)."""
-    from int4_qat.planner import check_recipe
+    from int4_qat.planner import check_recipe, plan
     problems = {p: check_recipe(p) for p in paths}
     reports = {}
     if build:
@@ -109,20 +109,26 @@ def check(paths: list[str], build: bool = True) -> int:
             print(line)
         if problems[p]:
             bad += 1
-        elif p in reports:
+            continue
+        e = plan(Recipe.load(p))["export"]
+        notes = [f"export: {e['processes']} process(es) x {e['ram_per_process_gb']:.1f} GB RAM, "
+                 f"{_bytes(e['disk_bytes'])} disk"]
+        if p in reports:
             s = reports[p].stages
-            print(f"ok  {p}  (built pipeline stage(s) {','.join(str(x.stage) for x in s)}: "
-                  f"{'/'.join(str(x.layers) for x in s)} layers, {s[0].local_experts} local experts "
-                  f"with fc1 {s[0].expert_fc1} fc2 {s[0].expert_fc2}, "
-                  f"{'/'.join(str(x.quantizers) for x in s)} weight quantizers)")
-        else:
-            print(f"ok  {p}")
-        if not problems[p]:
-            for m in _missing_inputs(p):
-                print(f"  note: {m} here (train / slurm refuse to launch until it does)")
+            notes.insert(0, f"built pipeline stage(s) {','.join(str(x.stage) for x in s)}: "
+                            f"{'/'.join(str(x.layers) for x in s)} layers, {s[0].local_experts} local "
+                            f"experts with fc1 {s[0].expert_fc1} fc2 {s[0].expert_fc2}, "
+                            f"{'/'.join(str(x.quantizers) for x in s)} weight quantizers")
+        print(f"ok  {p}  ({'; '.join(notes)})")
+        for m in _missing_inputs(p):
+            print(f"  note: {m} here (train / slurm refuse to launch until it does)")
     if bad:
         print(f"{bad} of {len(paths)} recipe(s) have problems", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _load_checked(path: str, cpu: bool = False, build: bool = False, inputs: bool = True) -> Recipe:
@@ -337,11 +343,15 @@ def slurm(path: str, extra: list[str]) -> int:
 
 
 def export_commands(r: Recipe, recipe_path: str, extra: list[str]) -> list[list[str]]:
+    """``tools/export.py`` per format; ``export.processes`` > 1 adds ``--nproc N`` (the exporter
+    checks the checkpoint, then runs as N torchrun processes that split the output shards)."""
     cmds = []
     for fmt in r.export.formats:
         cmd = [sys.executable, str(REPO / "tools" / "export.py"), "--input", str(r.train.checkpoint_dir),
                "--output", str(r.export.output_dir / fmt.value), "--format", fmt.value,
                "--recipe", str(Path(recipe_path).resolve())]
+        if r.export.processes > 1 and "--nproc" not in extra:
+            cmd += ["--nproc", str(r.export.processes)]
         cmds.append(cmd + extra)
     return cmds
 

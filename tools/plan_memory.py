@@ -56,6 +56,13 @@ def render(p: dict) -> str:
     for fmt, s in p["serving"].items():
         out.append(f"    {fmt:<10} {_size(s['bytes']):>10}   needs {s['gpus_80GB']:>3} x 80 GB or "
                    f"{s['gpus_141GB']:>3} x 141 GB; one 8 x 141 GB node: {_yn(s['fits_8x141GB'])}")
+    e = p["export"]
+    out += [f"  export (tools/export.py, streamed from the training checkpoint, no GPU): "
+            f"{e['processes']} process(es) x {e['ram_per_process_gb']:.2f} GB RAM = {e['ram_total_gb']:g} GB;"
+            f" disk {_size(e['disk_bytes'])} (the output only)",
+            f"    per process: imports {e['imports_gb']:.2f} + checkpoint metadata {e['metadata_gb']:.2f} "
+            f"({e['checkpoint_entries']} entries) + working set {e['working_gb']:.2f} GB (largest read "
+            f"{e['largest_read_gb']:.2f} GB); reads {e['input_gb']:g} GB of weights"]
     return "\n".join(out)
 
 

@@ -2,7 +2,10 @@
 
 - :func:`export_checkpoint` — HF BF16 dir or training checkpoint → compressed-tensors
   ``pack-quantized`` (INT4 W4A16), ``mxfp4-pack-quantized`` / gpt-oss native MXFP4, or
-  ``nvfp4-pack-quantized``; streaming, bounded memory, atomic (see :mod:`.pipeline`).
+  ``nvfp4-pack-quantized``; streaming, bounded memory, atomic, one or N processes (see
+  :mod:`.pipeline`). A training checkpoint is read tensor by tensor from its distributed-checkpoint
+  files without building the model (:mod:`.megatron_source`, :mod:`.dcp_reader`); a running model
+  exports the same way from its local shards (:mod:`.live_source`).
 - :func:`verify_export` — checks an export with the consumers' own readers (see :mod:`.verify`).
 - :func:`train_infer_consistency` — |Δ logprob| and KL between the training model and the
   served export (see :mod:`.consistency`).

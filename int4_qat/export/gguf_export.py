@@ -27,7 +27,7 @@ the largest single source tensor plus its output (Qwen3-235B-A22B: the 151936 x 
 NVFP4 weight and 0.53 per MXFP4 weight plus the float tensors (Qwen3-235B-A22B with Q4_0 experts:
 144 GB); llama.cpp loads a single file of any size, ``gguf-split`` can shard it. It is written as
 ``.<name>.tmp-*`` beside the output and renamed into place, so a failed export leaves nothing.
-A training checkpoint goes through :mod:`.megatron_source` first (an intermediate HF dir).
+A training checkpoint is streamed from its files by :mod:`.megatron_source` (no model, no intermediate copy).
 """
 from __future__ import annotations
 
@@ -327,7 +327,7 @@ def export_gguf(input_dir: str, output: str, *, fmt: str | None = None, group_si
     """
     import dataclasses
 
-    from int4_qat.export.pipeline import _is_training_checkpoint, resolve_scheme
+    from int4_qat.export.pipeline import is_training_checkpoint, resolve_scheme
     from int4_qat.export.source import open_hf_source
 
     def scheme_for(d: str):
@@ -339,16 +339,17 @@ def export_gguf(input_dir: str, output: str, *, fmt: str | None = None, group_si
             scheme = dataclasses.replace(scheme, served="exact")
         return scheme
 
-    if _is_training_checkpoint(input_dir):
-        from int4_qat.checkpoint import resolve_checkpoint
-        from int4_qat.export.megatron_source import materialized_hf_dir
+    if is_training_checkpoint(input_dir):
+        # streamed from the checkpoint files (no model built): the same source the
+        # compressed-tensors export reads (int4_qat.export.megatron_source)
+        from int4_qat.export.megatron_source import open_checkpoint_source
 
-        iter_dir = str(resolve_checkpoint(input_dir))
-        scheme = scheme_for(iter_dir)
-        with materialized_hf_dir(iter_dir, output) as (hf_dir, tok_dir):
-            return write_gguf(open_hf_source(hf_dir), output, scheme, tokenizer_dir=tok_dir,
-                              float_type=float_type, reference_dtype=None,
-                              overwrite=overwrite, progress=progress, source_desc=iter_dir)
+        source, iter_dir, ck_recipe = open_checkpoint_source(input_dir)
+        scheme = scheme_for(str(iter_dir))
+        tok = ck_recipe.model.tokenizer if ck_recipe is not None else None
+        return write_gguf(source, output, scheme, tokenizer_dir=str(tok) if tok and os.path.isdir(str(tok)) else None,
+                          float_type=float_type, reference_dtype=None,
+                          overwrite=overwrite, progress=progress, source_desc=str(iter_dir))
     source = open_hf_source(input_dir)
     return write_gguf(source, output, scheme_for(input_dir), tokenizer_dir=source.root,
                       float_type=float_type, reference_dtype=torch.float32,

@@ -1,18 +1,29 @@
-"""The export driver: HF BF16 (or a training checkpoint) → packed INT4 / MXFP4 / NVFP4 checkpoint.
+"""The export driver: a *source* (HF BF16 dir, training checkpoint, live model) → packed INT4 /
+MXFP4 / NVFP4 checkpoint.
 
-Order of work, chosen so that a bad input fails *before* anything is written and an interrupted
-export never looks finished:
+A source (:class:`~int4_qat.export.source.HFSource`, :class:`~int4_qat.export.megatron_source.
+MegatronSource`) offers ``.config``, ``.tensors()`` (``TensorInfo``: HF name, dtype, shape) and
+reads of one tensor (whole, or dim-0 row / expert ranges) plus ``read_any(name)``. Order of work,
+chosen so that a bad input fails *before* anything is written and an interrupted export never
+looks finished:
 
 1. resolve the :class:`~int4_qat.scheme.QuantScheme` (recipe, then CLI flags);
-2. read every shard header, plan every tensor (:func:`~int4_qat.export.convert.plan_tensor`),
-   check group divisibility and Marlin serving limits, build ``quantization_config``;
-3. stream: one input shard at a time, tensor by tensor (large tensors in row chunks); the main
-   thread reads (``safe_open`` mmap), a thread pool converts (torch kernels release the GIL, so
-   both cores work), results are written in order into a pre-announced safetensors header
-   (:class:`~int4_qat.export.writer.ShardWriter`) — memory is bounded by the tensors in flight;
-4. ``config.json`` (+ ``quantization_config``), tokenizer / generation files and
+2. plan every tensor from metadata (:func:`~int4_qat.export.convert.plan_tensor`), check group
+   divisibility and Marlin serving limits, build ``quantization_config``, and split the outputs
+   into shards: an HF dir keeps its own sharding; other sources get consecutive (name-sorted)
+   tensors in shards of ≤ ``max_shard_bytes`` of *output* -- a plan that does not depend on the
+   number of processes;
+3. stream: tensor by tensor (large ones in dim-0 chunks of ≤ ``chunk_bytes``); the main thread
+   reads, a thread pool converts (torch kernels release the GIL), results are written in order
+   into a pre-announced safetensors header (:class:`~int4_qat.export.writer.ShardWriter`); at most
+   ``INFLIGHT_BYTES`` of input is in flight (or one larger item, alone), so memory is bounded by
+   the largest tensor (or chunk), never by the model. With N processes (``torchrun``, :mod:`.procs`) each
+   writes its own shards into the shared temp dir; a source that reads with collectives (a live
+   model) is walked by every rank in the same order and only each shard's owner converts it;
+4. rank 0 writes ``config.json`` (+ ``quantization_config``), tokenizer / generation files and
    ``int4_qat_export.json`` (the scheme, for verification), then the index last, then the atomic
-   rename (:class:`~int4_qat.export.writer.ExportDir`).
+   rename (:class:`~int4_qat.export.writer.ExportDir`). The output is byte-identical for any
+   number of processes.
 """
 from __future__ import annotations
 
@@ -20,23 +31,19 @@ import json
 import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
-
-import torch
-from safetensors import safe_open
 
 from int4_qat.export import convert as cv
 from int4_qat.export.ct_config import gpt_oss_modules_to_not_convert, ignore_list, quantization_config
+from int4_qat.export.procs import ExportProcs, assign_shards
 from int4_qat.export.source import SIDE_FILES, HFSource, TensorInfo, open_hf_source
-from int4_qat.export.writer import (EXPORT_META, ExportDir, ShardWriter, TensorSpec, check_output_location,
-                                    shard_name)
+from int4_qat.export.streaming import CHUNK_BYTES, INFLIGHT_BYTES, write_shards
+from int4_qat.export.writer import EXPORT_META, ExportDir, check_output_location, shard_name
 
-__all__ = ["ExportResult", "export_checkpoint", "export_hf_dir", "resolve_scheme", "EXPORT_META", "CHUNK_BYTES"]
+__all__ = ["ExportResult", "export_checkpoint", "export_hf_dir", "export_source", "resolve_scheme",
+           "plan_shards", "EXPORT_META", "CHUNK_BYTES", "INFLIGHT_BYTES", "MAX_SHARD_BYTES"]
 
-CHUNK_BYTES = 256 << 20  # input bytes per work item for tensors whose rows are independent
+MAX_SHARD_BYTES = 2 * 10**9  # output bytes per shard, for sources without their own sharding
 
 
 @dataclass
@@ -48,6 +55,8 @@ class ExportResult:
     packed: list[str] = field(default_factory=list)
     copied: int = 0
     seconds: float = 0.0
+    shards: int = 0
+    processes: int = 1
 
 
 def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, recipe_path: str | None,
@@ -85,81 +94,7 @@ def resolve_scheme(fmt: str | None, group_size: int | None, scope: str | None, r
     return QuantScheme(**kw), serving
 
 
-def _ordered(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """``map(fn, items)`` on a thread pool, in order, at most ``2 * workers`` items in flight.
-    ``items`` is consumed lazily in the calling thread (that is where input is read)."""
-    if workers <= 1:
-        for it in items:
-            yield it, fn(it)
-        return
-    window: deque[tuple[object, Future]] = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="export") as pool:
-        try:
-            for it in items:
-                window.append((it, pool.submit(fn, it)))
-                if len(window) >= 2 * workers:
-                    head, fut = window.popleft()
-                    yield head, fut.result()
-            while window:
-                head, fut = window.popleft()
-                yield head, fut.result()
-        finally:
-            for _, fut in window:
-                fut.cancel()
-
-
-def _write_plans(writer: ShardWriter, plans: list[cv.TensorPlan], load: Callable, scheme, workers: int,
-                 progress) -> None:
-    """Convert ``plans`` (reading via ``load(plan, rows)``) and stream them into ``writer``."""
-
-    def items():
-        for plan in plans:
-            chunks = load.chunks(plan)
-            for i, rows in enumerate(chunks):
-                sibs = [load.sibling(n) for n in plan.siblings]
-                yield plan, rows, i == len(chunks) - 1, load(plan, rows), sibs
-
-    def work(item):
-        plan, rows, last, tensor, sibs = item
-        out = cv.convert(plan, tensor, scheme, sibs)
-        return out, tensor.numel() * tensor.element_size()
-
-    held: list[list[torch.Tensor]] = []
-    for (plan, rows, last, _, _), (outs, nbytes) in _ordered(work, items(), workers):
-        writer.write(plan.outputs[0].name, outs[0])
-        if rows is None:
-            for spec, t in zip(plan.outputs[1:], outs[1:]):
-                writer.write(spec.name, t)
-        else:  # chunked: stream output 0, hold the (small) others until the last chunk
-            held.append(outs[1:])
-            if last:
-                for j, spec in enumerate(plan.outputs[1:]):
-                    writer.write(spec.name, torch.cat([h[j] for h in held]))
-                held = []
-        if progress is not None:
-            progress.update(nbytes)
-
-
-class _ShardLoader:
-    """Reads planned tensors from one open shard, whole or in row chunks."""
-
-    def __init__(self, source: HFSource, handle, infos: dict[str, TensorInfo], chunk_bytes: int):
-        self.source, self.handle, self.infos, self.chunk_bytes = source, handle, infos, chunk_bytes
-
-    def chunks(self, plan: cv.TensorPlan):
-        info = self.infos[plan.source]
-        return cv.chunk_rows(plan, info.shape, info.dtype.itemsize, self.chunk_bytes) or [None]
-
-    def __call__(self, plan: cv.TensorPlan, rows):
-        return self.source.read(self.handle, self.infos[plan.source], rows)
-
-    def sibling(self, name: str) -> torch.Tensor:
-        """A fusion partner (NVFP4 shared global scale), possibly from another shard."""
-        if name in self.infos:
-            return self.source.read(self.handle, self.infos[name])
-        return self.source.read_any(name)
-
-
+# ---------------------------------------------------------------------------- planning
 def _plan_all(infos: list[TensorInfo], scheme, model_type: str) -> list[cv.TensorPlan]:
     return [cv.plan_tensor(t.name, t.dtype, t.shape, scheme, model_type) for t in infos]
 
@@ -192,102 +127,185 @@ def _final_config(config: dict, scheme, plans: list[cv.TensorPlan]) -> dict:
     return config
 
 
+def plan_shards(plans: list[cv.TensorPlan], max_bytes: int) -> list[list[cv.TensorPlan]]:
+    """Consecutive plans in shards of at most ``max_bytes`` of output (a larger tensor alone)."""
+    shards: list[list[cv.TensorPlan]] = [[]]
+    size = 0
+    for p in plans:
+        b = sum(s.nbytes for s in p.outputs)
+        if shards[-1] and size + b > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(p)
+        size += b
+    return shards
+
+
+def _plan_job(source, scheme, serving_tp: int, serving_ep: int, allow_unservable: bool, max_shard_bytes: int):
+    """(plans per output shard, final config, every plan) from metadata only."""
+    model_type = source.config.get("model_type", "")
+    if isinstance(source, HFSource):    # keep the input's sharding, tensor order within shards
+        groups = [s.tensors for s in source.shards]
+    else:
+        groups = [sorted(source.tensors(), key=lambda t: t.name)]
+    flat = cv.attach_siblings(_plan_all([t for g in groups for t in g], scheme, model_type), scheme)
+    if isinstance(source, HFSource):
+        it = iter(flat)
+        shards = [[next(it) for _ in g] for g in groups]
+    else:
+        shards = plan_shards(flat, max_shard_bytes)
+    config = _final_config(source.config, scheme, flat)
+    if not allow_unservable:
+        cv.check_marlin(scheme, source.config, serving_tp, any(p.kind != "copy" for p in flat),
+                        serving_ep=serving_ep)
+    return shards, config, flat
+
+
+def _inputs(source, side_dir: str | None) -> tuple[str, ...]:
+    """The directories an export reads (the output must not touch them: writer.check_output_location)."""
+    return tuple(d for d in (getattr(source, "root", None), side_dir) if d)
+
+
+class _RankDir:
+    """Another rank's view of rank 0's temp dir (it only writes its shards there)."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmp, name)
+
+
+# ---------------------------------------------------------------------------- driver
+def export_source(source, output_dir: str, scheme, *, serving_tp: int = 1, serving_ep: int = 1,
+                  workers: int | None = None, overwrite: bool = False, progress: bool = True,
+                  chunk_bytes: int = CHUNK_BYTES, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  allow_unservable: bool = False, side_dir: str | None = None,
+                  source_desc: str | None = None, meta: dict | None = None, procs: ExportProcs | None = None,
+                  check_only: bool = False, _fail_after: int | None = None, _t0: float | None = None) -> ExportResult:
+    """Export ``source`` with an already-resolved ``scheme`` (see the module docstring).
+
+    ``procs``: the processes sharing the work (default: this process, or the torchrun job it is
+    part of). Bad input raises ``ValueError`` on every rank before any output exists.
+    ``check_only``: plan and check everything (input, scheme, servability, output dir), write
+    nothing, return the planned sizes. ``_fail_after`` (tests) raises after that many of this
+    rank's shards were written.
+    """
+    t0 = _t0 or time.perf_counter()
+    if check_only:
+        shards, _, flat = _plan_job(source, scheme, serving_tp, serving_ep, allow_unservable, max_shard_bytes)
+        ExportDir(output_dir, overwrite=overwrite, inputs=_inputs(source, side_dir))
+        infos = {t.name: t for t in source.tensors()}
+        return ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict(), shards=len(shards),
+                            input_bytes=sum(t.nbytes for t in infos.values()),
+                            output_bytes=sum(s.nbytes for p in flat for s in p.outputs),
+                            packed=[p.module for p in flat if p.kind != "copy"],
+                            copied=sum(p.kind == "copy" for p in flat), seconds=time.perf_counter() - t0)
+    procs = procs or ExportProcs.from_env()
+    out, err = None, None
+    try:      # 1. plan (every rank, identically) and, on rank 0, the temp dir beside the output
+        shards, config, flat = _plan_job(source, scheme, serving_tp, serving_ep, allow_unservable, max_shard_bytes)
+        if procs.rank == 0:     # refuses an existing output, or one that would touch an input, up front
+            out = ExportDir(output_dir, overwrite=overwrite, inputs=_inputs(source, side_dir))
+            out.__enter__()
+    except (ValueError, OSError) as e:
+        err = e
+    _collect(procs, out, err)
+    tmp = procs.broadcast(out.tmp if out is not None else None)
+    names = [shard_name(i, len(shards)) for i in range(len(shards))]
+    infos = {t.name: t for t in source.tensors()}
+    in_bytes = [sum(infos[p.source].nbytes for p in s) for s in shards]
+    owner = {i: r for r, idx in enumerate(assign_shards(in_bytes, procs.world)) for i in idx}
+    err = None
+    try:      # 2. this rank's shards
+        write_shards(source, infos, shards, names, owner, procs, out if out is not None else _RankDir(tmp),
+                      scheme, workers, chunk_bytes, progress, _fail_after)
+    except Exception as e:  # noqa: BLE001 - reported to every rank
+        err = e
+    _collect(procs, out, err)
+    err = None
+    if out is not None:     # 3. rank 0: side files, the index last, the rename
+        try:
+            for name, plans in zip(names, shards):
+                out.record_shard(name, [s for p in plans for s in p.outputs])
+            _write_side_files(out, side_dir or getattr(source, "root", None), config, scheme,
+                              source_desc or getattr(source, "root", ""), meta)
+            out.commit({"format": scheme.format.value})
+        except Exception as e:  # noqa: BLE001
+            err = e
+    _collect(procs, out, err)   # every rank returns once the export is in place
+    return ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict(), input_bytes=sum(in_bytes),
+                        output_bytes=sum(s.nbytes for p in flat for s in p.outputs),
+                        packed=[p.module for p in flat if p.kind != "copy"],
+                        copied=sum(p.kind == "copy" for p in flat), seconds=time.perf_counter() - t0,
+                        shards=len(shards), processes=procs.world)
+
+
+def _collect(procs: ExportProcs, out: ExportDir | None, err: BaseException | None) -> None:
+    """Collective: raise on every rank if any failed; rank 0 then removes the temp dir."""
+    try:
+        procs.raise_any(err)
+    except BaseException as e:
+        if out is not None and out.tmp:
+            out.__exit__(type(e), e, e.__traceback__)
+        raise
+
+
 def export_checkpoint(input_dir: str, output_dir: str, *, fmt: str | None = None, group_size: int | None = None,
                       scope: str | None = None, recipe: str | None = None, serving_tp: int | None = None,
-                      serving_ep: int | None = None,
-                      workers: int | None = None, overwrite: bool = False, progress: bool = True,
-                      chunk_bytes: int = CHUNK_BYTES, allow_unservable: bool = False,
+                      serving_ep: int | None = None, workers: int | None = None, overwrite: bool = False,
+                      progress: bool = True, chunk_bytes: int = CHUNK_BYTES, max_shard_bytes: int = MAX_SHARD_BYTES,
+                      allow_unservable: bool = False, procs: ExportProcs | None = None,
+                      check_only: bool = False, verify_checksums: bool = True,
                       _fail_after: int | None = None) -> ExportResult:
-    """Export ``input_dir`` (HF BF16 dir, or a training checkpoint dir with ``recipe.yaml``).
+    """Export ``input_dir``: an HF BF16 dir, or a training checkpoint (a checkpoint root with
+    ``latest``, or an ``iter_*`` dir), streamed without building the model
+    (:mod:`int4_qat.export.megatron_source`).
 
     Raises ``ValueError`` naming the file / tensor for bad input, before any output exists.
-    ``_fail_after`` (tests) raises after that many shards were written, to prove atomicity.
+    ``verify_checksums``: check a training checkpoint's files against its ``checksums.json`` first
+    (``int4_qat.checkpoint.verify_checkpoint_files``, split over the export's processes); it reads
+    every file of the iteration once, optimizer state included.
     """
     t0 = time.perf_counter()
     check_output_location(output_dir, [input_dir], overwrite)   # never touch the source (writer.py)
-    if _is_training_checkpoint(input_dir):
-        from int4_qat.checkpoint import resolve_checkpoint
+    kw = dict(workers=workers, overwrite=overwrite, progress=progress, chunk_bytes=chunk_bytes,
+              max_shard_bytes=max_shard_bytes, allow_unservable=allow_unservable, procs=procs,
+              check_only=check_only, _fail_after=_fail_after, _t0=t0)
+    if is_training_checkpoint(input_dir):
+        from int4_qat.export.megatron_source import checkpoint_export_args, open_checkpoint_source
 
-        iter_dir = str(resolve_checkpoint(input_dir))
-        scheme, (recipe_tp, recipe_ep) = resolve_scheme(fmt, group_size, scope, recipe, iter_dir)
-        from int4_qat.export.megatron_source import export_megatron
-
-        return export_megatron(iter_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp,
-                               serving_ep=serving_ep or recipe_ep,
-                               overwrite=overwrite, progress=progress, workers=workers,
-                               allow_unservable=allow_unservable)
+        if not check_only:      # the job's group first: its ranks split the checksum pass
+            kw["procs"] = procs = procs or ExportProcs.from_env()
+        source, iter_dir, ck_recipe = open_checkpoint_source(input_dir, verify=verify_checksums and not check_only)
+        scheme, (recipe_tp, recipe_ep) = resolve_scheme(fmt, group_size, scope, recipe, str(iter_dir))
+        return export_source(source, output_dir, scheme, serving_tp=serving_tp or recipe_tp,
+                             serving_ep=serving_ep or recipe_ep,
+                             **checkpoint_export_args(source, iter_dir, ck_recipe), **kw)
     scheme, (recipe_tp, recipe_ep) = resolve_scheme(fmt, group_size, scope, recipe, input_dir)
     return export_hf_dir(input_dir, output_dir, scheme, serving_tp=serving_tp or recipe_tp,
-                         serving_ep=serving_ep or recipe_ep, workers=workers,
-                         overwrite=overwrite, progress=progress, chunk_bytes=chunk_bytes,
-                         allow_unservable=allow_unservable, _fail_after=_fail_after, _t0=t0)
+                         serving_ep=serving_ep or recipe_ep, **kw)
 
 
-def _is_training_checkpoint(d: str) -> bool:
-    return any(os.path.isfile(os.path.join(d, f)) for f in ("recipe.yaml", "latest"))
+def is_training_checkpoint(d: str) -> bool:
+    """A checkpoint root (``latest`` or ``iter_*`` dirs) or an iteration dir (``.metadata``,
+    ``train_state.json``, ``recipe.yaml``), rather than an HF dir."""
+    if not os.path.isdir(d):
+        return False
+    names = os.listdir(d)
+    return (any(f in names for f in ("recipe.yaml", "latest", ".metadata", "train_state.json"))
+            or any(n.startswith("iter_") and os.path.isdir(os.path.join(d, n)) for n in names))
 
 
-def export_hf_dir(input_dir: str, output_dir: str, scheme, *, serving_tp: int = 1, serving_ep: int = 1,
-                  workers: int | None = None,
-                  overwrite: bool = False, progress: bool = True, chunk_bytes: int = CHUNK_BYTES,
-                  allow_unservable: bool = False, _fail_after: int | None = None, _t0: float | None = None,
-                  side_dir: str | None = None) -> ExportResult:
-    """Export an HF safetensors dir with an already-resolved ``scheme`` (see :func:`export_checkpoint`)."""
-    t0 = _t0 or time.perf_counter()
-    source = open_hf_source(input_dir)
-    model_type = source.model_type
-    plans_by_shard = [_plan_all(s.tensors, scheme, model_type) for s in source.shards]
-    linked = iter(cv.attach_siblings([p for ps in plans_by_shard for p in ps], scheme))
-    plans_by_shard = [[next(linked) for _ in ps] for ps in plans_by_shard]
-    all_plans = [p for ps in plans_by_shard for p in ps]
-    config = _final_config(source.config, scheme, all_plans)
-    if not allow_unservable:
-        cv.check_marlin(scheme, source.config, serving_tp, any(p.kind != "copy" for p in all_plans),
-                        serving_ep=serving_ep)
-    result = ExportResult(output=os.path.abspath(output_dir), scheme=scheme.to_dict())
-    workers = workers or min(2, os.cpu_count() or 1)
-    total = sum(t.nbytes for t in source.tensors())
-    export_dir = ExportDir(output_dir, overwrite=overwrite, inputs=(input_dir,) + ((side_dir,) if side_dir else ()))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"export {scheme.describe()}")
-    threads = torch.get_num_threads()
-    if workers > 1:  # parallelism across tensors; one intra-op thread each avoids oversubscription
-        torch.set_num_threads(max(1, threads // workers))
-    try:
-        with export_dir as out:
-            n = len(source.shards)
-            for i, (shard, plans) in enumerate(zip(source.shards, plans_by_shard)):
-                if _fail_after is not None and i >= _fail_after:
-                    raise RuntimeError(f"injected failure after {i} shard(s)")
-                fname = shard_name(i, n)
-                specs = [s for p in plans for s in p.outputs]
-                writer = ShardWriter(out.path(fname), specs)
-                try:
-                    with safe_open(shard.path, "pt") as handle:
-                        loader = _ShardLoader(source, handle, {t.name: t for t in shard.tensors}, chunk_bytes)
-                        _write_plans(writer, plans, loader, scheme, workers, bar)
-                    writer.close()
-                finally:
-                    writer.abort()
-                out.record_shard(fname, specs)
-            _write_side_files(out, side_dir or source.root, config, scheme, input_dir)
-            result.packed = [p.module for p in all_plans if p.kind != "copy"]
-            result.copied = sum(p.kind == "copy" for p in all_plans)
-            result.input_bytes = total
-            result.output_bytes = out.total_size
-            out.commit({"format": scheme.format.value})
-    finally:
-        torch.set_num_threads(threads)
-        if bar is not None:
-            bar.close()
-    result.seconds = time.perf_counter() - t0
-    return result
+def export_hf_dir(input_dir: str, output_dir: str, scheme, **kw) -> ExportResult:
+    """Export an HF safetensors dir with an already-resolved ``scheme`` (see :func:`export_source`)."""
+    side = kw.pop("side_dir", None)
+    return export_source(open_hf_source(input_dir), output_dir, scheme, side_dir=side,
+                         source_desc=input_dir, **kw)
 
 
-def _write_side_files(out: ExportDir, root: str | None, config: dict, scheme, source_desc: str) -> None:
+def _write_side_files(out: ExportDir, root: str | None, config: dict, scheme, source_desc: str,
+                      extra: dict | None = None) -> None:
     with open(out.path("config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     if root:
@@ -300,6 +318,7 @@ def _write_side_files(out: ExportDir, root: str | None, config: dict, scheme, so
         "source": os.path.abspath(source_desc),
         "model_type": config.get("model_type"),
         "writer": "int4_qat.export",
+        **(extra or {}),
     }
     with open(out.path(EXPORT_META), "w") as f:
         json.dump(meta, f, indent=2)
