@@ -148,6 +148,8 @@ def rename_checkpoint_keys(src, dst, table) -> int:
     md.storage_data = {dataclasses.replace(i, fqn=new(i.fqn)): v for i, v in md.storage_data.items()}
     with open(os.path.join(dst, ".metadata"), "wb") as f:
         pickle.dump(md, f)
+    from int4_qat import checksums   # as a TE-spec run would have saved it: checksums of these files
+    checksums.write_checksums(dst, checksums.file_entries(dst))
     return renamed
 
 
@@ -255,8 +257,10 @@ def test_bad_checkpoints_one_line_nothing_written(ckpts, tmp_path):
         return d, d / it.name
 
     def refused(path, pattern, **kw):
+        # the reader's own checks, as for a checkpoint saved before checksums existed (or
+        # --skip-checksums); with checksums.json the damaged file is named even earlier (below)
         with pytest.raises(ValueError, match=pattern) as e:
-            export_checkpoint(str(path), str(out), progress=False, **kw)
+            export_checkpoint(str(path), str(out), progress=False, verify_checksums=False, **kw)
         assert "\n" not in str(e.value) and nothing_written(out), str(e.value)
 
     root, d = case("no-latest")
@@ -276,6 +280,10 @@ def test_bad_checkpoints_one_line_nothing_written(ckpts, tmp_path):
     with open(d / "__0_0.distcp", "r+b") as f:
         f.truncate(os.path.getsize(d / "__0_0.distcp") // 2)
     refused(root, r"__0_0\.distcp: truncated checkpoint file")
+    for name, what in (("missing", r"__0_1\.distcp: missing"), ("truncated", r"__0_0\.distcp: truncated")):
+        with pytest.raises(ValueError, match=what):         # checksums.json (default): named up front
+            export_checkpoint(str(tmp_path / name / "ckpt"), str(out), progress=False)
+        assert nothing_written(out)
     for key, value, pattern in [
             ("num_experts", 16, r"router\.weight has shape \[8, 128\], but its config\.json implies \[16, 128\]"),
             ("num_hidden_layers", 3, r"checkpoint lacks \d+ tensor\(s\) that its config\.json .* e\.g\. decoder\.layers\.2\."),
@@ -290,7 +298,7 @@ def test_bad_checkpoints_one_line_nothing_written(ckpts, tmp_path):
     refused(it, r"--format mxfp4 contradicts .*recipe\.yaml quant\.format=int4", fmt="mxfp4")
     # the CLI: exit 2, one line naming the file, nothing written
     rc, errors, err = _cli("--input", tmp_path / "missing" / "ckpt", "--output", out)
-    assert rc == 2 and len(errors) == 1 and "__0_1.distcp: missing checkpoint file" in errors[0], err
+    assert rc == 2 and len(errors) == 1 and "__0_1.distcp: missing" in errors[0], err
     rc, errors, err = _cli("--input", it, "--output", out, "--group-size", "64", "--nproc", "2")
     assert rc == 2 and len(errors) == 1 and "--group-size 64 contradicts" in errors[0], err
     assert nothing_written(out)

@@ -135,12 +135,15 @@ def test_unquantized_control_and_fp4_formats(tiny, tmp_path):
 def test_refusals(tiny, tmp_path, mutate, kwargs, match):
     import shutil
 
+    from int4_qat.testing import random_hf_checkpoint
+
     d = tmp_path / "hf"
     shutil.copytree(tiny["qwen3_moe"], d)
-    if mutate:
+    if mutate:      # a checkpoint whose tensors match the mutated config (else the structural check refuses first)
         cfg = json.loads((d / "config.json").read_text())
         mutate(cfg)
-        (d / "config.json").write_text(json.dumps(cfg))
+        shutil.rmtree(d)
+        random_hf_checkpoint(cfg, d)
     with pytest.raises(ValueError, match=match):
         export_gguf(str(d), str(tmp_path / "x.gguf"), fmt="int4", progress=False, **{"group_size": 32, **kwargs})
     assert not any(p.name.startswith(".x.gguf") or p.name == "x.gguf" for p in tmp_path.iterdir())

@@ -142,6 +142,7 @@ def test_multi_node_dry_run_prints_the_per_node_command(monkeypatch, capsys, nam
     monkeypatch.setenv("DRY_RUN", "1")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("NODE_RANK", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)   # the default rendezvous port is what is shown
     assert launch.main(["train", str(REPO_ROOT / "recipes" / f"{name}.yaml")]) == 0
     cap = capsys.readouterr()
     assert f"make slurm-{name}" in cap.err and "placeholders" in cap.err
