@@ -20,8 +20,15 @@ from types import ModuleType
 
 from int4_qat.formats import int4, mxfp4, nvfp4
 from int4_qat.formats._common import QuantFormat, QuantizedTensor
+from int4_qat.formats.finite import (
+    finite_check,
+    finite_check_mode,
+    raise_if_nonfinite,
+    set_finite_check,
+)
 
-__all__ = ["QuantFormat", "QuantizedTensor", "get_format", "int4", "mxfp4", "nvfp4"]
+__all__ = ["QuantFormat", "QuantizedTensor", "get_format", "int4", "mxfp4", "nvfp4",
+           "finite_check", "finite_check_mode", "raise_if_nonfinite", "set_finite_check"]
 
 _MODULES = {QuantFormat.INT4: int4, QuantFormat.MXFP4: mxfp4, QuantFormat.NVFP4: nvfp4}
 

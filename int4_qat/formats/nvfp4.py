@@ -70,6 +70,7 @@ from int4_qat.formats._common import (
     true_div,
     unpack_nibbles,
 )
+from int4_qat.formats.finite import finite_check_mode, report_nonfinite
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -113,7 +114,10 @@ def _global_scale(amax_blocks: Tensor, global_amax: Tensor | None, name: str) ->
                              f"(one per 2-D matrix, see matrix_amax), got "
                              f"{getattr(global_amax, 'shape', type(global_amax).__name__)}")
         ga = global_amax.to(device=amax.device, dtype=torch.float32)
-        if not bool((torch.isfinite(ga) & (ga >= amax)).all()):
+        ok = (torch.isfinite(ga) & (ga >= amax)).all()
+        if finite_check_mode() == "defer":  # no host sync in a training forward
+            report_nonfinite(~ok, f"{name} (global_amax non-finite or below the matrix amax)")
+        elif not bool(ok):
             raise ValueError(f"{name}: global_amax must be finite and >= the matrix's own amax "
                              f"(a max over a larger group), got {ga.flatten().tolist()[:4]} vs "
                              f"{amax.flatten().tolist()[:4]}")
