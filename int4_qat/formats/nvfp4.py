@@ -78,6 +78,7 @@ __all__ = [
     "E2M1_MAX",
     "ZERO_SCALE",
     "matrix_amax",
+    "global_scale",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -107,7 +108,12 @@ def matrix_amax(w: Tensor) -> Tensor:
 
 def _global_scale(amax_blocks: Tensor, global_amax: Tensor | None, name: str) -> Tensor:
     """Per-matrix float32 global scale ``[..., 1]`` from block amaxes ``[..., N, K/16]``."""
-    amax = amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1)
+    return global_scale(amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1), global_amax, name)
+
+
+def global_scale(amax: Tensor, global_amax: Tensor | None = None, name: str = "weight") -> Tensor:
+    """The float32 global scale ``[..., 1]`` of each matrix from its amax ``[..., 1]`` (float32;
+    :func:`matrix_amax`), or from ``global_amax`` when given (validated against ``amax``)."""
     if global_amax is not None:
         if not isinstance(global_amax, Tensor) or global_amax.shape != amax.shape:
             raise ValueError(f"{name}: global_amax must be a tensor of shape {tuple(amax.shape)} "

@@ -1,0 +1,437 @@
+/* Fused CPU kernels of int4_qat.formats: fake quant and quantize+pack in one pass per group.
+ *
+ * The oracle is the eager torch code of int4.py / mxfp4.py / nvfp4.py; these kernels evaluate
+ * the SAME IEEE-754 float32 operations in the SAME order, element by element, so their results
+ * are bit-identical (tests/test_formats_fused.py fuzzes that with atol=0). What makes that true:
+ *
+ *  - Every float op is a single correctly rounded IEEE binary32 operation: `/` is a true division
+ *    (never a reciprocal multiply), `rintf` rounds half to even in the default rounding mode, and
+ *    the build flags (fused.py _CFLAGS) forbid everything that would change a result:
+ *    -ffp-contract=off (no FMA contraction of a*b+c), no -ffast-math / -funsafe-math-optimizations
+ *    / -freciprocal-math / -ffinite-math-only, -fno-signed-zeros not given (-0.0 is kept).
+ *    -fno-math-errno only lets rintf vectorise (it never sets errno).
+ *  - float <- bf16 / fp16 conversions are exact; float -> bf16 is round-to-nearest-even done on
+ *    the bits (as torch does), float -> fp16 is the C cast of _Float16 (IEEE RNE, subnormals and
+ *    overflow to inf included), as torch's .to(float16).
+ *  - amax is a max over |w| done on the integer bit patterns of |w| (for non-negative IEEE
+ *    floats integer order is float order; NaN sorts above Inf, so a non-finite value always
+ *    shows up in amax and sets the non-finite flag). -0.0 and +0.0 both give amax 0.
+ *  - Vectorisation (auto, by the compiler, per ISA variant) changes no result: each lane does the
+ *    same IEEE op as the scalar code; reductions are integer max (associative, exact).
+ *
+ * Non-finite inputs: the flag is set and the group's outputs are NaN (fake quant) or
+ * unspecified (pack); the caller raises or defers (int4_qat/formats/finite.py).
+ *
+ * Layouts follow the oracle (and through it compressed-tensors): INT4 int32 words of 8 uint4b8
+ * nibbles, lowest first (compressors/pack_quantized/helpers.py pack_to_int32); FP4 bytes of two
+ * E2M1 codes, even element in the low nibble (compressors/nvfp4/helpers.py pack_fp4_to_uint8).
+ * Little-endian only (fused.py falls back to the oracle elsewhere).
+ *
+ * Compiled several times (fused.py), once per ISA level, with KSUF naming the variant.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifndef KSUF
+#define KSUF generic
+#endif
+#define CAT2(a, b) a##_##b
+#define CAT(a, b) CAT2(a, b)
+#define API(name) CAT(name, KSUF)
+#define INLINE static inline __attribute__((always_inline))
+
+enum { DT_BF16 = 0, DT_F16 = 1, DT_F32 = 2 };
+
+/* ------------------------------------------------------------------ conversions, bits */
+INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* float -> bf16 bits, round to nearest even (torch c10::round_to_nearest_even; NaN -> 0x7FC0) */
+INLINE uint16_t f2bf(float f) {
+    uint32_t u = f2u(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+INLINE float bf_round(float f) { return u2f((uint32_t)f2bf(f) << 16); }
+
+INLINE float load(const void *p, int64_t i, int dt) {
+    if (dt == DT_BF16) return u2f((uint32_t)((const uint16_t *)p)[i] << 16);
+    if (dt == DT_F16) return (float)((const _Float16 *)p)[i];
+    return ((const float *)p)[i];
+}
+/* |w| bits as uint32, order-preserving within a dtype (NaN > Inf > finite) */
+INLINE uint32_t abs_bits(const void *p, int64_t i, int dt) {
+    if (dt == DT_F32) return ((const uint32_t *)p)[i] & 0x7FFFFFFFu;
+    return (uint32_t)(((const uint16_t *)p)[i] & 0x7FFFu);
+}
+INLINE int abs_bits_finite(uint32_t m, int dt) {
+    return dt == DT_F32 ? m < 0x7F800000u : (dt == DT_BF16 ? m < 0x7F80u : m < 0x7C00u);
+}
+INLINE float abs_bits_value(uint32_t m, int dt) {
+    if (dt == DT_BF16) return u2f(m << 16);
+    if (dt == DT_F16) { uint16_t h = (uint16_t)m; _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+    return u2f(m);
+}
+/* store float v (already the served value, bf16-exact or exact) as dtype dt */
+INLINE void store(void *p, int64_t i, float v, int dt) {
+    if (dt == DT_BF16) ((uint16_t *)p)[i] = f2bf(v);
+    else if (dt == DT_F16) ((_Float16 *)p)[i] = (_Float16)v;
+    else ((float *)p)[i] = v;
+}
+INLINE void store_nan(void *p, int64_t i, int dt) { store(p, i, u2f(0x7FC00000u), dt); }
+
+INLINE uint32_t group_absmax(const void *w, int64_t base, int G, int dt) {
+    uint32_t m = 0;
+    for (int i = 0; i < G; ++i) { uint32_t a = abs_bits(w, base + i, dt); m = a > m ? a : m; }
+    return m;
+}
+
+/* ------------------------------------------------------------------ threads */
+typedef void (*range_fn)(const void *args, int64_t lo, int64_t hi, uint32_t *bad);
+typedef struct { range_fn fn; const void *args; int64_t lo, hi; uint32_t bad; } chunk_t;
+
+static void *chunk_main(void *p) {
+    chunk_t *c = (chunk_t *)p;
+    c->fn(c->args, c->lo, c->hi, &c->bad);
+    return NULL;
+}
+
+/* Runs fn over [0, n) in up to `threads` contiguous chunks; returns the OR of the bad flags. */
+static uint32_t parallel_for(int threads, int64_t n, range_fn fn, const void *args) {
+    enum { MAXT = 64 };
+    if (threads > MAXT) threads = MAXT;
+    if (threads > n) threads = (int)n;
+    if (threads <= 1) { uint32_t bad = 0; if (n > 0) fn(args, 0, n, &bad); return bad; }
+    chunk_t c[MAXT];
+    pthread_t th[MAXT];
+    int started[MAXT];
+    for (int t = 0; t < threads; ++t) {
+        c[t].fn = fn; c[t].args = args; c[t].bad = 0;
+        c[t].lo = n * t / threads; c[t].hi = n * (t + 1) / threads;
+    }
+    for (int t = 1; t < threads; ++t) started[t] = pthread_create(&th[t], NULL, chunk_main, &c[t]) == 0;
+    chunk_main(&c[0]);
+    uint32_t bad = c[0].bad;
+    for (int t = 1; t < threads; ++t) {
+        if (started[t]) pthread_join(th[t], NULL); else chunk_main(&c[t]);
+        bad |= c[t].bad;
+    }
+    return bad;
+}
+
+/* ================================================================== INT4 (int4.py) */
+typedef struct {
+    const void *w; void *out; void *packed; uint16_t *scale;
+    int dt, G, K, served_exact, floor_on, zero_on;
+    float divisor, floor, zero_scale, smax, qmin, qmax;
+} int4_args;
+
+/* int4.py _scales_and_codes: s = bf16(max(amax / divisor, floor)); 0 -> zero_scale; min(s, S_MAX) */
+INLINE float int4_scale(const int4_args *a, float amax) {
+    float s = amax / a->divisor;
+    if (a->floor_on && s < a->floor) s = a->floor;
+    s = bf_round(s);
+    if (a->zero_on && s == 0.0f) s = a->zero_scale;
+    return s > a->smax ? a->smax : s;
+}
+
+/* q = clamp(round_half_even(w / s), qmin, qmax) + 0.0 (no negative zero code) */
+INLINE float int4_code(const int4_args *a, float x, float s) {
+    float q = rintf(x / s);
+    q = q < a->qmin ? a->qmin : q;
+    q = q > a->qmax ? a->qmax : q;
+    return q + 0.0f;
+}
+
+INLINE void int4_fq_range(const int4_args *a, int64_t g0, int64_t g1, uint32_t *bad, int dt, int G) {
+    for (int64_t g = g0; g < g1; ++g) {
+        int64_t base = g * G;
+        uint32_t m = group_absmax(a->w, base, G, dt);
+        if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
+        float s = int4_scale(a, abs_bits_value(m, dt));
+        if (a->served_exact) {            /* q * s exact in float32, one rounding to dt */
+            for (int i = 0; i < G; ++i) store(a->out, base + i, int4_code(a, load(a->w, base + i, dt), s) * s, dt);
+        } else if (dt == DT_BF16) {       /* bf16(q * s) */
+            for (int i = 0; i < G; ++i) store(a->out, base + i, int4_code(a, load(a->w, base + i, dt), s) * s, dt);
+        } else {                           /* bf16(q * s), then to dt (exact for f32, RNE for f16) */
+            for (int i = 0; i < G; ++i)
+                store(a->out, base + i, bf_round(int4_code(a, load(a->w, base + i, dt), s) * s), dt);
+        }
+    }
+}
+
+/* Constant group sizes let the compiler unroll and vectorise the inner loops fully. */
+#define SWITCH_G(RUN, dt, G)                                                \
+    switch (G) {                                                            \
+    case 16: RUN(dt, 16); break; case 32: RUN(dt, 32); break;               \
+    case 64: RUN(dt, 64); break; case 128: RUN(dt, 128); break;             \
+    default: RUN(dt, G); break;                                             \
+    }
+#define SWITCH_DT_G(RUN, a)                                                 \
+    do {                                                                    \
+        if ((a)->dt == DT_BF16) { SWITCH_G(RUN, DT_BF16, (a)->G) }          \
+        else if ((a)->dt == DT_F16) { SWITCH_G(RUN, DT_F16, (a)->G) }       \
+        else { SWITCH_G(RUN, DT_F32, (a)->G) }                              \
+    } while (0)
+
+static void int4_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const int4_args *a = (const int4_args *)pa;
+#define RUN(dt, GG) int4_fq_range(a, lo, hi, bad, dt, GG)
+    SWITCH_DT_G(RUN, a);
+#undef RUN
+}
+
+/* rows of K elements: codes packed 8 per int32 word (as uint4b8), bf16 scales per group */
+INLINE void int4_pack_range(const int4_args *a, int64_t r0, int64_t r1, uint32_t *bad, int dt, int G) {
+    const int K = a->K, ng = K / G;
+    uint8_t *pk = (uint8_t *)a->packed;
+    for (int64_t r = r0; r < r1; ++r) {
+        for (int j = 0; j < ng; ++j) {
+            int64_t base = r * K + (int64_t)j * G;
+            uint32_t m = group_absmax(a->w, base, G, dt);
+            if (!abs_bits_finite(m, dt)) *bad = 1;
+            float s = int4_scale(a, abs_bits_value(m, dt));
+            a->scale[r * ng + j] = f2bf(s);
+            for (int i = 0; i < G; i += 2) {   /* G even (fused.py): whole bytes per group */
+                int c0 = (int)int4_code(a, load(a->w, base + i, dt), s) + 8;
+                int c1 = (int)int4_code(a, load(a->w, base + i + 1, dt), s) + 8;
+                pk[(base + i) >> 1] = (uint8_t)((c0 & 15) | ((c1 & 15) << 4));
+            }
+        }
+    }
+}
+
+static void int4_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const int4_args *a = (const int4_args *)pa;
+#define RUN(dt, GG) int4_pack_range(a, lo, hi, bad, dt, GG)
+    SWITCH_DT_G(RUN, a);
+#undef RUN
+}
+
+/* rule: 0 = amax/7 (floor 1e-5), 1 = amax/7.5 (zero scale -> bf16 eps) */
+static void int4_fill(int4_args *a, int dt, int G, float divisor, int rule, float floor, float zero_scale,
+                      float smax, float qmin, float qmax) {
+    a->dt = dt; a->G = G; a->divisor = divisor; a->floor = floor; a->zero_scale = zero_scale;
+    a->floor_on = rule == 0; a->zero_on = rule == 1; a->smax = smax; a->qmin = qmin; a->qmax = qmax;
+}
+
+int API(int4_fake_quant)(const void *w, void *out, int dt, int64_t numel, int G, float divisor, int rule,
+                         float floor, float zero_scale, float smax, float qmin, float qmax,
+                         int served_exact, int threads) {
+    int4_args a; memset(&a, 0, sizeof a);
+    int4_fill(&a, dt, G, divisor, rule, floor, zero_scale, smax, qmin, qmax);
+    a.w = w; a.out = out; a.served_exact = served_exact;
+    return (int)parallel_for(threads, numel / G, int4_fq_chunk, &a);
+}
+
+int API(int4_quant_pack)(const void *w, void *packed, uint16_t *scale, int dt, int64_t rows, int K, int G,
+                         float divisor, int rule, float floor, float zero_scale, float smax, float qmin,
+                         float qmax, int threads) {
+    int4_args a; memset(&a, 0, sizeof a);
+    int4_fill(&a, dt, G, divisor, rule, floor, zero_scale, smax, qmin, qmax);
+    a.w = w; a.packed = packed; a.scale = scale; a.K = K;
+    return (int)parallel_for(threads, rows, int4_pack_chunk, &a);
+}
+
+/* ================================================================== E2M1 (_common.py) */
+/* _common._e2m1_round: a = min(|x + 0|, cap); step = pow2_floor(max(a / 2, 0.5)); k = rint(a / step).
+ * Returns k and step; the value is k * step with the sign of (x + 0) (i.e. negative iff x < 0). */
+INLINE float e2m1_k(float x, float cap, float *step_out) {
+    float a = fabsf(x + 0.0f);
+    a = a > cap ? cap : a;
+    float h = a * 0.5f;
+    h = h < 0.5f ? 0.5f : h;
+    float step = u2f(f2u(h) & 0x7F800000u);
+    *step_out = step;
+    return rintf(a / step);
+}
+INLINE float e2m1_value(float x, float cap) {
+    float step, k = e2m1_k(x, cap, &step);
+    return copysignf(k * step, x + 0.0f);
+}
+INLINE uint32_t e2m1_code(float x, float cap) {
+    float step, k = e2m1_k(x, cap, &step);
+    uint32_t binade2 = (f2u(step) >> 22) - 252u;   /* step 0.5 / 1 / 2 -> 0 / 2 / 4 */
+    return ((uint32_t)k + binade2) | ((f2u(x + 0.0f) >> 31) << 3);
+}
+
+/* ================================================================== MXFP4 (mxfp4.py) */
+typedef struct { const void *w; void *out; uint8_t *packed; uint8_t *scale; int dt; } mx_args;
+
+/* mxfp4._block_exponents: e = ceil(log2(amax / 6)) exactly, from frexp; amax 0 -> -127 */
+INLINE int mx_exponent(float amax) {
+    if (amax == 0.0f) return -127;
+    int p; float m = frexpf(amax, &p);
+    int e = p - 3 + (m > 0.75f);
+    return e < -127 ? -127 : (e > 127 ? 127 : e);
+}
+INLINE float mx_cap(int e) { return e >= 127 ? 1.5f : (e >= 126 ? 3.0f : 6.0f); }
+
+INLINE void mx_fq_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad, int dt) {
+    enum { G = 32 };
+    for (int64_t g = g0; g < g1; ++g) {
+        int64_t base = g * G;
+        uint32_t m = group_absmax(a->w, base, G, dt);
+        if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
+        int e = mx_exponent(abs_bits_value(m, dt));
+        float p2 = ldexpf(1.0f, e), cap = mx_cap(e);
+        /* bf16(value * 2^e) (exact, mxfp4.py docstring), then to dt: the oracle's ops */
+        for (int i = 0; i < G; ++i)
+            store(a->out, base + i, bf_round(e2m1_value(load(a->w, base + i, dt) / p2, cap) * p2), dt);
+    }
+}
+static void mx_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const mx_args *a = (const mx_args *)pa;
+    if (a->dt == DT_BF16) mx_fq_range(a, lo, hi, bad, DT_BF16);
+    else if (a->dt == DT_F16) mx_fq_range(a, lo, hi, bad, DT_F16);
+    else mx_fq_range(a, lo, hi, bad, DT_F32);
+}
+INLINE void mx_pack_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad, int dt) {
+    enum { G = 32 };
+    for (int64_t g = g0; g < g1; ++g) {
+        int64_t base = g * G;
+        uint32_t m = group_absmax(a->w, base, G, dt);
+        if (!abs_bits_finite(m, dt)) *bad = 1;
+        int e = mx_exponent(abs_bits_value(m, dt));
+        float p2 = ldexpf(1.0f, e), cap = mx_cap(e);
+        a->scale[g] = (uint8_t)(e + 127);
+        for (int i = 0; i < G; i += 2) {
+            uint32_t c0 = e2m1_code(load(a->w, base + i, dt) / p2, cap);
+            uint32_t c1 = e2m1_code(load(a->w, base + i + 1, dt) / p2, cap);
+            a->packed[(base + i) >> 1] = (uint8_t)(c0 | (c1 << 4));
+        }
+    }
+}
+static void mx_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const mx_args *a = (const mx_args *)pa;
+    if (a->dt == DT_BF16) mx_pack_range(a, lo, hi, bad, DT_BF16);
+    else if (a->dt == DT_F16) mx_pack_range(a, lo, hi, bad, DT_F16);
+    else mx_pack_range(a, lo, hi, bad, DT_F32);
+}
+
+int API(mxfp4_fake_quant)(const void *w, void *out, int dt, int64_t numel, int threads) {
+    mx_args a = {w, out, NULL, NULL, dt};
+    return (int)parallel_for(threads, numel / 32, mx_fq_chunk, &a);
+}
+int API(mxfp4_quant_pack)(const void *w, uint8_t *packed, uint8_t *scale, int dt, int64_t numel, int threads) {
+    mx_args a = {w, NULL, packed, scale, dt};
+    return (int)parallel_for(threads, numel / 32, mx_pack_chunk, &a);
+}
+
+/* ================================================================== NVFP4 (nvfp4.py) */
+/* max |w| of each of `nmat` matrices of `matsize` elements, as float32 (NaN/Inf propagate) */
+typedef struct { const void *w; float *amax; int64_t matsize; int dt; } amax_args;
+INLINE void amax_range(const amax_args *a, int64_t m0, int64_t m1, int dt) {
+    for (int64_t mi = m0; mi < m1; ++mi) {
+        uint32_t m = 0;
+        const int64_t base = mi * a->matsize;
+        for (int64_t i = 0; i < a->matsize; ++i) { uint32_t v = abs_bits(a->w, base + i, dt); m = v > m ? v : m; }
+        a->amax[mi] = abs_bits_value(m, dt);   /* Inf, NaN as they are (torch's amax) */
+    }
+}
+static void amax_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const amax_args *a = (const amax_args *)pa;
+    (void)bad;
+    if (a->dt == DT_BF16) amax_range(a, lo, hi, DT_BF16);
+    else if (a->dt == DT_F16) amax_range(a, lo, hi, DT_F16);
+    else amax_range(a, lo, hi, DT_F32);
+}
+void API(matrix_amax)(const void *w, float *amax, int dt, int64_t nmat, int64_t matsize, int threads) {
+    amax_args a = {w, amax, matsize, dt};
+    parallel_for(threads, nmat, amax_chunk, &a);
+}
+
+typedef struct {
+    const void *w; void *out; uint8_t *packed; uint8_t *scale; const float *g; int64_t blocks_per_mat; int dt;
+} nv_args;
+
+/* float32 s in [0, 448] -> nearest-even float8_e4m3fn value (c10 fp8e4m3fn_from_fp32_value) */
+INLINE float e4m3_round(float s) {
+    if (s < 0.015625f) return rintf(s * 512.0f) / 512.0f;     /* subnormal quantum 2^-9 (exact scaling) */
+    int p; frexpf(s, &p);                                       /* s in [2^(p-1), 2^p): quantum 2^(p-4) */
+    return ldexpf(rintf(ldexpf(s, 4 - p)), p - 4);
+}
+INLINE uint8_t e4m3_bits(float v) {                              /* v an e4m3 value >= 0 */
+    if (v < 0.015625f) return (uint8_t)(v * 512.0f);
+    int p; frexpf(v, &p);
+    return (uint8_t)(((p - 1 + 7) << 3) | ((int)ldexpf(v, 4 - p) - 8));
+}
+/* nvfp4._block_scales: e4m3(clamp(fl(amax / 6) * g, -448, 448)); 0 -> 0.125 */
+INLINE float nv_scale(float amax, float g) {
+    float s = (amax / 6.0f) * g;
+    s = s > 448.0f ? 448.0f : s;
+    s = e4m3_round(s);
+    return s == 0.0f ? 0.125f : s;
+}
+
+INLINE void nv_fq_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *bad, int dt) {
+    enum { G = 16 };
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t base = b * G;
+        uint32_t m = group_absmax(a->w, base, G, dt);
+        if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
+        float g = a->g[b / a->blocks_per_mat];
+        float s_eff = nv_scale(abs_bits_value(m, dt), g) / g;
+        for (int i = 0; i < G; ++i) {   /* bf16(fp32(value * s_eff)), then to dt */
+            float v = bf_round(e2m1_value(load(a->w, base + i, dt) / s_eff, 6.0f) * s_eff);
+            store(a->out, base + i, v, dt);
+        }
+    }
+}
+static void nv_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const nv_args *a = (const nv_args *)pa;
+    if (a->dt == DT_BF16) nv_fq_range(a, lo, hi, bad, DT_BF16);
+    else if (a->dt == DT_F16) nv_fq_range(a, lo, hi, bad, DT_F16);
+    else nv_fq_range(a, lo, hi, bad, DT_F32);
+}
+INLINE void nv_pack_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *bad, int dt) {
+    enum { G = 16 };
+    for (int64_t b = b0; b < b1; ++b) {
+        int64_t base = b * G;
+        uint32_t m = group_absmax(a->w, base, G, dt);
+        if (!abs_bits_finite(m, dt)) *bad = 1;
+        float g = a->g[b / a->blocks_per_mat];
+        float s = nv_scale(abs_bits_value(m, dt), g), s_eff = s / g;
+        a->scale[b] = e4m3_bits(s);
+        for (int i = 0; i < G; i += 2) {
+            uint32_t c0 = e2m1_code(load(a->w, base + i, dt) / s_eff, 6.0f);
+            uint32_t c1 = e2m1_code(load(a->w, base + i + 1, dt) / s_eff, 6.0f);
+            a->packed[(base + i) >> 1] = (uint8_t)(c0 | (c1 << 4));
+        }
+    }
+}
+static void nv_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
+    const nv_args *a = (const nv_args *)pa;
+    if (a->dt == DT_BF16) nv_pack_range(a, lo, hi, bad, DT_BF16);
+    else if (a->dt == DT_F16) nv_pack_range(a, lo, hi, bad, DT_F16);
+    else nv_pack_range(a, lo, hi, bad, DT_F32);
+}
+
+/* g: float32 global scale per matrix (nvfp4._global_scale, computed by the caller) */
+int API(nvfp4_fake_quant)(const void *w, void *out, const float *g, int dt, int64_t numel, int64_t matsize,
+                          int threads) {
+    nv_args a = {w, out, NULL, NULL, g, matsize / 16, dt};
+    return (int)parallel_for(threads, numel / 16, nv_fq_chunk, &a);
+}
+int API(nvfp4_quant_pack)(const void *w, uint8_t *packed, uint8_t *scale, const float *g, int dt, int64_t numel,
+                          int64_t matsize, int threads) {
+    nv_args a = {w, NULL, packed, scale, g, matsize / 16, dt};
+    return (int)parallel_for(threads, numel / 16, nv_pack_chunk, &a);
+}
+
+/* 1 if this CPU can run the variant (fused.py picks the best one the CPU supports) */
+int API(variant_supported)(void) {
+#if defined(__x86_64__) && defined(KISA_AVX512)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#elif defined(__x86_64__) && defined(KISA_AVX2)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    return 1;
+#endif
+}
