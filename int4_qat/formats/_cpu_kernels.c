@@ -9,7 +9,8 @@
  *    the build flags (fused.py _CFLAGS) forbid everything that would change a result:
  *    -ffp-contract=off (no FMA contraction of a*b+c), no -ffast-math / -funsafe-math-optimizations
  *    / -freciprocal-math / -ffinite-math-only, -fno-signed-zeros not given (-0.0 is kept).
- *    -fno-math-errno only lets rintf vectorise (it never sets errno).
+ *    -fno-math-errno and -fno-trapping-math only let loops vectorise (rintf never sets errno;
+ *    no FP exception is trapped, so selects may be evaluated eagerly): no result changes.
  *  - float <- bf16 / fp16 conversions are exact; float -> bf16 is round-to-nearest-even done on
  *    the bits (as torch does), float -> fp16 is the C cast of _Float16 (IEEE RNE, subnormals and
  *    overflow to inf included), as torch's .to(float16).
@@ -49,11 +50,10 @@ INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 /* float -> bf16 bits, round to nearest even (torch c10::round_to_nearest_even; NaN -> 0x7FC0) */
-INLINE uint16_t f2bf(float f) {
+INLINE uint16_t f2bf(float f) {   /* branch-free (a select), so loops using it vectorise */
     uint32_t u = f2u(f);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : r);
 }
 INLINE float bf_round(float f) { return u2f((uint32_t)f2bf(f) << 16); }
 
@@ -120,6 +120,11 @@ static uint32_t parallel_for(int threads, int64_t n, range_fn fn, const void *ar
         bad |= c[t].bad;
     }
     return bad;
+}
+
+/* two 4-bit codes per byte, element 2i in the low nibble */
+INLINE void pack_pairs(uint8_t *restrict out, const uint8_t *restrict c, int n) {
+    for (int i = 0; i < n / 2; ++i) out[i] = (uint8_t)((c[2 * i] & 15u) | ((c[2 * i + 1] & 15u) << 4));
 }
 
 /* ================================================================== INT4 (int4.py) */
@@ -195,11 +200,9 @@ INLINE void int4_pack_range(const int4_args *a, int64_t r0, int64_t r1, uint32_t
             if (!abs_bits_finite(m, dt)) *bad = 1;
             float s = int4_scale(a, abs_bits_value(m, dt));
             a->scale[r * ng + j] = f2bf(s);
-            for (int i = 0; i < G; i += 2) {   /* G even (fused.py): whole bytes per group */
-                int c0 = (int)int4_code(a, load(a->w, base + i, dt), s) + 8;
-                int c1 = (int)int4_code(a, load(a->w, base + i + 1, dt), s) + 8;
-                pk[(base + i) >> 1] = (uint8_t)((c0 & 15) | ((c1 & 15) << 4));
-            }
+            uint8_t c[G];                      /* uint4b8 nibbles q + 8 */
+            for (int i = 0; i < G; ++i) c[i] = (uint8_t)((int)int4_code(a, load(a->w, base + i, dt), s) + 8);
+            pack_pairs(pk + (base >> 1), c, G);  /* G even (fused.py): whole bytes per group */
         }
     }
 }
@@ -244,9 +247,11 @@ INLINE float e2m1_k(float x, float cap, float *step_out) {
     a = a > cap ? cap : a;
     float h = a * 0.5f;
     h = h < 0.5f ? 0.5f : h;
-    float step = u2f(f2u(h) & 0x7F800000u);
-    *step_out = step;
-    return rintf(a / step);
+    uint32_t sb = f2u(h) & 0x7F800000u;            /* step = 2^k, k in {-1, 0, 1} */
+    *step_out = u2f(sb);
+    /* a / step == a * (1 / step) exactly: 1 / 2^k is exact and scaling a (<= 6, or subnormal
+     * times 2) by it is exact; bits of 2^-k are 0x7F000000 - bits of 2^k. */
+    return rintf(a * u2f(0x7F000000u - sb));
 }
 INLINE float e2m1_value(float x, float cap) {
     float step, k = e2m1_k(x, cap, &step);
@@ -261,13 +266,19 @@ INLINE uint32_t e2m1_code(float x, float cap) {
 /* ================================================================== MXFP4 (mxfp4.py) */
 typedef struct { const void *w; void *out; uint8_t *packed; uint8_t *scale; int dt; } mx_args;
 
-/* mxfp4._block_exponents: e = ceil(log2(amax / 6)) exactly, from frexp; amax 0 -> -127 */
+/* mxfp4._block_exponents: e = ceil(log2(amax / 6)) exactly, from frexp; amax 0 -> -127.
+ * For a normal amax = 1.M * 2^(E-127), frexp gives p = E - 126 and m = 1.M / 2, and m > 0.75
+ * iff the mantissa field exceeds 0x400000: read off the bits (frexpf is a libm call). */
 INLINE int mx_exponent(float amax) {
     if (amax == 0.0f) return -127;
-    int p; float m = frexpf(amax, &p);
-    int e = p - 3 + (m > 0.75f);
+    uint32_t u = f2u(amax), E = u >> 23;
+    int e;
+    if (E == 0) { int p; float m = frexpf(amax, &p); e = p - 3 + (m > 0.75f); }   /* subnormal */
+    else e = (int)E - 129 + ((u & 0x7FFFFFu) > 0x400000u);
     return e < -127 ? -127 : (e > 127 ? 127 : e);
 }
+/* 2^e, exact, for e in [-127, 127] (2^-127 is a float32 subnormal) */
+INLINE float pow2i(int e) { return e >= -126 ? u2f((uint32_t)(e + 127) << 23) : u2f(0x00400000u); }
 INLINE float mx_cap(int e) { return e >= 127 ? 1.5f : (e >= 126 ? 3.0f : 6.0f); }
 
 INLINE void mx_fq_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad, int dt) {
@@ -277,10 +288,12 @@ INLINE void mx_fq_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad,
         uint32_t m = group_absmax(a->w, base, G, dt);
         if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
         int e = mx_exponent(abs_bits_value(m, dt));
-        float p2 = ldexpf(1.0f, e), cap = mx_cap(e);
+        float p2 = pow2i(e), cap = mx_cap(e);
         /* bf16(value * 2^e) (exact, mxfp4.py docstring), then to dt: the oracle's ops */
-        for (int i = 0; i < G; ++i)
-            store(a->out, base + i, bf_round(e2m1_value(load(a->w, base + i, dt) / p2, cap) * p2), dt);
+        for (int i = 0; i < G; ++i) {
+            float v = e2m1_value(load(a->w, base + i, dt) / p2, cap) * p2;
+            store(a->out, base + i, dt == DT_BF16 ? v : bf_round(v), dt);   /* bf16: store rounds */
+        }
     }
 }
 static void mx_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
@@ -296,13 +309,11 @@ INLINE void mx_pack_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *ba
         uint32_t m = group_absmax(a->w, base, G, dt);
         if (!abs_bits_finite(m, dt)) *bad = 1;
         int e = mx_exponent(abs_bits_value(m, dt));
-        float p2 = ldexpf(1.0f, e), cap = mx_cap(e);
+        float p2 = pow2i(e), cap = mx_cap(e);
         a->scale[g] = (uint8_t)(e + 127);
-        for (int i = 0; i < G; i += 2) {
-            uint32_t c0 = e2m1_code(load(a->w, base + i, dt) / p2, cap);
-            uint32_t c1 = e2m1_code(load(a->w, base + i + 1, dt) / p2, cap);
-            a->packed[(base + i) >> 1] = (uint8_t)(c0 | (c1 << 4));
-        }
+        uint8_t c[G];
+        for (int i = 0; i < G; ++i) c[i] = (uint8_t)e2m1_code(load(a->w, base + i, dt) / p2, cap);
+        pack_pairs(a->packed + (base >> 1), c, G);
     }
 }
 static void mx_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
@@ -348,16 +359,19 @@ typedef struct {
     const void *w; void *out; uint8_t *packed; uint8_t *scale; const float *g; int64_t blocks_per_mat; int dt;
 } nv_args;
 
-/* float32 s in [0, 448] -> nearest-even float8_e4m3fn value (c10 fp8e4m3fn_from_fp32_value) */
-INLINE float e4m3_round(float s) {
-    if (s < 0.015625f) return rintf(s * 512.0f) / 512.0f;     /* subnormal quantum 2^-9 (exact scaling) */
-    int p; frexpf(s, &p);                                       /* s in [2^(p-1), 2^p): quantum 2^(p-4) */
-    return ldexpf(rintf(ldexpf(s, 4 - p)), p - 4);
+/* float32 s in [0, 448] -> nearest-even float8_e4m3fn value (c10 fp8e4m3fn_from_fp32_value):
+ * round s to a multiple of its e4m3 quantum, 2^-9 below 2^-6 (subnormals), else 2^(E-3) for
+ * s in [2^E, 2^(E+1)); scaling by a power of two is exact, rintf rounds half to even. */
+INLINE float e4m3_round(float s) {    /* branch-free, so a loop over blocks vectorises */
+    float sub = rintf(s * 512.0f) / 512.0f;
+    float quantum = u2f(((f2u(s) >> 23) - 3u) << 23);         /* garbage below 2^-6: unused */
+    float nrm = rintf(s / quantum) * quantum;
+    return s < 0.015625f ? sub : nrm;
 }
 INLINE uint8_t e4m3_bits(float v) {                              /* v an e4m3 value >= 0 */
     if (v < 0.015625f) return (uint8_t)(v * 512.0f);
-    int p; frexpf(v, &p);
-    return (uint8_t)(((p - 1 + 7) << 3) | ((int)ldexpf(v, 4 - p) - 8));
+    uint32_t u = f2u(v);
+    return (uint8_t)((((u >> 23) - 120u) << 3) | ((u >> 20) & 7u));
 }
 /* nvfp4._block_scales: e4m3(clamp(fl(amax / 6) * g, -448, 448)); 0 -> 0.125 */
 INLINE float nv_scale(float amax, float g) {
@@ -367,17 +381,49 @@ INLINE float nv_scale(float amax, float g) {
     return s == 0.0f ? 0.125f : s;
 }
 
+/* Blocks are done in tiles of NV_TILE: block amaxes, then all their scales (independent, so the
+ * division chains of different blocks overlap or vectorise), then the elements. */
+enum { NV_TILE = 64 };
+INLINE int nv_tile_scales(const nv_args *a, int64_t b, int nb, int64_t *mat, int64_t *mat_end,
+                          float *s_out, float *s_eff, int dt) {
+    enum { G = 16 };
+    uint32_t m[NV_TILE];
+    float g[NV_TILE];
+    int bad = 0;
+    for (int j = 0; j < nb; ++j) {
+        if (b + j == *mat_end) { ++*mat; *mat_end += a->blocks_per_mat; }
+        g[j] = a->g[*mat];
+        m[j] = group_absmax(a->w, (b + j) * G, G, dt);
+        bad |= !abs_bits_finite(m[j], dt);
+    }
+    for (int j = 0; j < nb; ++j) {
+        float s = nv_scale(abs_bits_value(m[j], dt), g[j]);
+        s_out[j] = s;
+        s_eff[j] = s / g[j];
+    }
+    return bad;
+}
+
 INLINE void nv_fq_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *bad, int dt) {
     enum { G = 16 };
-    for (int64_t b = b0; b < b1; ++b) {
-        int64_t base = b * G;
-        uint32_t m = group_absmax(a->w, base, G, dt);
-        if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
-        float g = a->g[b / a->blocks_per_mat];
-        float s_eff = nv_scale(abs_bits_value(m, dt), g) / g;
-        for (int i = 0; i < G; ++i) {   /* bf16(fp32(value * s_eff)), then to dt */
-            float v = bf_round(e2m1_value(load(a->w, base + i, dt) / s_eff, 6.0f) * s_eff);
-            store(a->out, base + i, v, dt);
+    int64_t mat = b0 / a->blocks_per_mat, mat_end = (mat + 1) * a->blocks_per_mat;
+    float s[NV_TILE], s_eff[NV_TILE];
+    for (int64_t b = b0; b < b1; b += NV_TILE) {
+        int nb = b1 - b < NV_TILE ? (int)(b1 - b) : NV_TILE;
+        int tile_bad = nv_tile_scales(a, b, nb, &mat, &mat_end, s, s_eff, dt);
+        for (int j = 0; j < nb; ++j) {
+            int64_t base = (b + j) * G;
+            float se = s_eff[j];
+            for (int i = 0; i < G; ++i) {   /* bf16(fp32(value * s_eff)), then to dt */
+                float v = e2m1_value(load(a->w, base + i, dt) / se, 6.0f) * se;
+                store(a->out, base + i, dt == DT_BF16 ? v : bf_round(v), dt);   /* bf16: store rounds */
+            }
+        }
+        if (tile_bad) {                     /* NaN out the non-finite blocks (rare) */
+            *bad = 1;
+            for (int j = 0; j < nb; ++j)
+                if (!abs_bits_finite(group_absmax(a->w, (b + j) * G, G, dt), dt))
+                    for (int i = 0; i < G; ++i) store_nan(a->out, (b + j) * G + i, dt);
         }
     }
 }
@@ -389,17 +435,18 @@ static void nv_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
 }
 INLINE void nv_pack_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *bad, int dt) {
     enum { G = 16 };
-    for (int64_t b = b0; b < b1; ++b) {
-        int64_t base = b * G;
-        uint32_t m = group_absmax(a->w, base, G, dt);
-        if (!abs_bits_finite(m, dt)) *bad = 1;
-        float g = a->g[b / a->blocks_per_mat];
-        float s = nv_scale(abs_bits_value(m, dt), g), s_eff = s / g;
-        a->scale[b] = e4m3_bits(s);
-        for (int i = 0; i < G; i += 2) {
-            uint32_t c0 = e2m1_code(load(a->w, base + i, dt) / s_eff, 6.0f);
-            uint32_t c1 = e2m1_code(load(a->w, base + i + 1, dt) / s_eff, 6.0f);
-            a->packed[(base + i) >> 1] = (uint8_t)(c0 | (c1 << 4));
+    int64_t mat = b0 / a->blocks_per_mat, mat_end = (mat + 1) * a->blocks_per_mat;
+    float s[NV_TILE], s_eff[NV_TILE];
+    for (int64_t b = b0; b < b1; b += NV_TILE) {
+        int nb = b1 - b < NV_TILE ? (int)(b1 - b) : NV_TILE;
+        if (nv_tile_scales(a, b, nb, &mat, &mat_end, s, s_eff, dt)) *bad = 1;
+        for (int j = 0; j < nb; ++j) {
+            int64_t base = (b + j) * G;
+            float se = s_eff[j];
+            uint8_t c[G];
+            a->scale[b + j] = e4m3_bits(s[j]);
+            for (int i = 0; i < G; ++i) c[i] = (uint8_t)e2m1_code(load(a->w, base + i, dt) / se, 6.0f);
+            pack_pairs(a->packed + (base >> 1), c, G);
         }
     }
 }

@@ -63,8 +63,8 @@ _SRC = Path(__file__).with_name("_cpu_kernels.c")
 #: -funsafe-math-optimizations, -freciprocal-math, -ffinite-math-only or -ffp-contract=fast:
 #: tests/test_formats_fused.py pins this list.
 CFLAGS = ("-O3", "-std=gnu11", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno",
-          "-fno-unsafe-math-optimizations", "-fno-reciprocal-math", "-fno-finite-math-only",
-          "-fsigned-zeros")
+          "-fno-trapping-math", "-fno-unsafe-math-optimizations", "-fno-reciprocal-math",
+          "-fno-finite-math-only", "-fsigned-zeros")
 #: ISA variants, best first: (name, extra flags). Each is built into the same shared object.
 _VARIANTS = {
     "x86_64": (("avx512", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mf16c",
