@@ -7,9 +7,12 @@ patterns compared, sign of zero included), for fake quant and for quantize+pack.
 with value-changing flags (-ffast-math) is shown to fail the same checks, and the flag list is
 pinned, so a compiler or flag change that breaks exactness fails this file.
 """
+import importlib.util
 import logging
-import math
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -274,6 +277,17 @@ def test_no_compiler_falls_back_with_a_warning(monkeypatch, caplog):
 
 
 # ------------------------------------------------------------------------------------ GPU ---
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_triton_kernels_in_the_interpreter():
+    """The Triton kernels' logic, bit for bit against the oracle, in Triton's CPU interpreter
+    (a child process: TRITON_INTERPRET must be set before triton is imported)."""
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "_triton_interpreted.py")],
+                       capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "bit-identical to the oracle" in r.stdout
+
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -315,13 +315,16 @@ def fake_quantize(fmt: QuantFormat | str, w: Tensor, group_size: int | None = No
     oracle = {QuantFormat.INT4: int4, QuantFormat.MXFP4: mxfp4, QuantFormat.NVFP4: nvfp4}[fmt]
     group_size = oracle.DEFAULT_GROUP_SIZE if group_size is None else group_size
     impl = implementation(w.device) if isinstance(w, Tensor) else "oracle"
-    if impl == "oracle":
-        return oracle.fake_quantize(w, group_size, name=name, **rule)
-    _check(fmt, w, group_size, name)
     if impl == "triton":
         from int4_qat.formats import _triton_kernels as tk
 
-        return straight_through(w, lambda x: tk.fake_quantize(fmt, x, group_size, name, rule))
+        if tk.supports(fmt, group_size):
+            _check(fmt, w, group_size, name)
+            return straight_through(w, lambda x: tk.fake_quantize(fmt, x, group_size, name, rule))
+        impl = "oracle"  # group sizes that are not a power of two
+    if impl == "oracle":
+        return oracle.fake_quantize(w, group_size, name=name, **rule)
+    _check(fmt, w, group_size, name)
     fns = _load().variants[impl[len("cpu-"):]]
     return straight_through(w, lambda x: _cpu_fake_quant(fns, fmt, x, group_size, name, rule))
 
