@@ -151,20 +151,39 @@ INLINE float int4_code(const int4_args *a, float x, float s) {
     return q + 0.0f;
 }
 
+/* Groups are done in tiles of TILE: amaxes, then all the tile's scales (independent division
+ * chains that overlap or vectorise), then the elements. */
+enum { TILE = 64 };
+INLINE int int4_tile_scales(const int4_args *a, int64_t g, int ng, int G, float *s, int dt) {
+    uint32_t m[TILE];
+    int bad = 0;
+    for (int j = 0; j < ng; ++j) { m[j] = group_absmax(a->w, (g + j) * G, G, dt); bad |= !abs_bits_finite(m[j], dt); }
+    for (int j = 0; j < ng; ++j) s[j] = int4_scale(a, abs_bits_value(m[j], dt));
+    return bad;
+}
+
+INLINE void nan_bad_groups(const void *w, void *out, int64_t g, int ng, int G, int dt) {
+    for (int j = 0; j < ng; ++j)
+        if (!abs_bits_finite(group_absmax(w, (g + j) * G, G, dt), dt))
+            for (int i = 0; i < G; ++i) store_nan(out, (g + j) * G + i, dt);
+}
+
 INLINE void int4_fq_range(const int4_args *a, int64_t g0, int64_t g1, uint32_t *bad, int dt, int G) {
-    for (int64_t g = g0; g < g1; ++g) {
-        int64_t base = g * G;
-        uint32_t m = group_absmax(a->w, base, G, dt);
-        if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
-        float s = int4_scale(a, abs_bits_value(m, dt));
-        if (a->served_exact) {            /* q * s exact in float32, one rounding to dt */
-            for (int i = 0; i < G; ++i) store(a->out, base + i, int4_code(a, load(a->w, base + i, dt), s) * s, dt);
-        } else if (dt == DT_BF16) {       /* bf16(q * s) */
-            for (int i = 0; i < G; ++i) store(a->out, base + i, int4_code(a, load(a->w, base + i, dt), s) * s, dt);
-        } else {                           /* bf16(q * s), then to dt (exact for f32, RNE for f16) */
-            for (int i = 0; i < G; ++i)
-                store(a->out, base + i, bf_round(int4_code(a, load(a->w, base + i, dt), s) * s), dt);
+    float st[TILE];
+    for (int64_t g = g0; g < g1; g += TILE) {
+        int ng = g1 - g < TILE ? (int)(g1 - g) : TILE;
+        int tile_bad = int4_tile_scales(a, g, ng, G, st, dt);
+        for (int j = 0; j < ng; ++j) {
+            int64_t base = (g + j) * G;
+            float s = st[j];
+            if (a->served_exact || dt == DT_BF16) {  /* one rounding of the exact q * s to dt */
+                for (int i = 0; i < G; ++i) store(a->out, base + i, int4_code(a, load(a->w, base + i, dt), s) * s, dt);
+            } else {                                  /* bf16(q * s), then to dt (exact for f32, RNE for f16) */
+                for (int i = 0; i < G; ++i)
+                    store(a->out, base + i, bf_round(int4_code(a, load(a->w, base + i, dt), s) * s), dt);
+            }
         }
+        if (tile_bad) { *bad = 1; nan_bad_groups(a->w, a->out, g, ng, G, dt); }
     }
 }
 
@@ -193,14 +212,15 @@ static void int4_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad)
 INLINE void int4_pack_range(const int4_args *a, int64_t r0, int64_t r1, uint32_t *bad, int dt, int G) {
     const int K = a->K, ng = K / G;
     uint8_t *pk = (uint8_t *)a->packed;
-    for (int64_t r = r0; r < r1; ++r) {
-        for (int j = 0; j < ng; ++j) {
-            int64_t base = r * K + (int64_t)j * G;
-            uint32_t m = group_absmax(a->w, base, G, dt);
-            if (!abs_bits_finite(m, dt)) *bad = 1;
-            float s = int4_scale(a, abs_bits_value(m, dt));
-            a->scale[r * ng + j] = f2bf(s);
+    float st[TILE];
+    for (int64_t g = r0 * ng; g < r1 * ng; g += TILE) {   /* groups of whole rows, row-major */
+        int nt = r1 * ng - g < TILE ? (int)(r1 * ng - g) : TILE;
+        if (int4_tile_scales(a, g, nt, G, st, dt)) *bad = 1;
+        for (int j = 0; j < nt; ++j) {
+            int64_t base = (g + j) * G;
+            float s = st[j];
             uint8_t c[G];                      /* uint4b8 nibbles q + 8 */
+            a->scale[g + j] = f2bf(s);
             for (int i = 0; i < G; ++i) c[i] = (uint8_t)((int)int4_code(a, load(a->w, base + i, dt), s) + 8);
             pack_pairs(pk + (base >> 1), c, G);  /* G even (fused.py): whole bytes per group */
         }

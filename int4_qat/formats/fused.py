@@ -75,6 +75,7 @@ _VARIANTS = {
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _PARALLEL_MIN = 1 << 18  # elements below which one thread is faster than starting more
 
+_INT4_PARAMS: dict[str, tuple] = {}
 _lock = threading.Lock()
 _lib: "_CpuLib | None | bool" = None  # None: not tried; False: unavailable
 _logged: set[str] = set()
@@ -205,7 +206,9 @@ def _enabled() -> bool:
 
 def implementation(device: torch.device | str = "cpu") -> str:
     """The implementation a tensor on ``device`` gets: "cpu-<variant>", "triton" or "oracle"."""
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if dev.type == "cpu" and isinstance(_lib, _CpuLib) and _enabled():  # the per-call fast path
+        return f"cpu-{_lib.best}"
     if not _enabled():
         _log_once(dev.type, logging.INFO, "int4_qat fused kernels disabled (INT4_QAT_FUSED=0): "
                   "using the eager oracle")
@@ -229,6 +232,8 @@ def implementation(device: torch.device | str = "cpu") -> str:
 
 # ------------------------------------------------------------------ argument handling (shared)
 def _fmt(fmt) -> QuantFormat:
+    if isinstance(fmt, QuantFormat):
+        return fmt
     try:
         return QuantFormat(getattr(fmt, "value", fmt))
     except ValueError:
@@ -238,10 +243,15 @@ def _fmt(fmt) -> QuantFormat:
 
 def _int4_params(scale_rule: str, name: str) -> tuple[float, int, float, float, float, float, float]:
     """(divisor, rule id, floor, zero scale, S_MAX, qmin, qmax) of int4.py's rule."""
+    if scale_rule in _INT4_PARAMS:  # filled below at import
+        return _INT4_PARAMS[scale_rule]
     divisor, qmin, qmax = int4._rule(scale_rule, name)
     rule_id = 0 if scale_rule == "amax/7" else 1
     return (divisor, rule_id, int4.SCALE_FLOOR, float(int4._CT_ZERO_SCALE), int4._S_MAX_F[scale_rule],
             float(qmin), float(qmax))
+
+
+_INT4_PARAMS.update({r: _int4_params(r, "") for r in int4.SCALE_RULES})
 
 
 def _check(fmt: QuantFormat, w: Tensor, group_size: int, name: str) -> None:
