@@ -162,7 +162,8 @@ def _keep_freed_memory() -> bool:
 
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 62))
+        big = (1 << 31) - 1  # mallopt takes a C int
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, big))
     except (OSError, AttributeError):
         return False
 

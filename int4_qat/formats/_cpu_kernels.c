@@ -308,10 +308,12 @@ INLINE void mx_fq_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad,
         uint32_t m = group_absmax(a->w, base, G, dt);
         if (!abs_bits_finite(m, dt)) { *bad = 1; for (int i = 0; i < G; ++i) store_nan(a->out, base + i, dt); continue; }
         int e = mx_exponent(abs_bits_value(m, dt));
-        float p2 = pow2i(e), cap = mx_cap(e);
+        /* w / 2^e == w * 2^-e exactly: both are the correctly rounded w * 2^-e, and 2^-e is
+         * exact (a normal float for every reachable e <= 126) */
+        float p2 = pow2i(e), inv = pow2i(-e), cap = mx_cap(e);
         /* bf16(value * 2^e) (exact, mxfp4.py docstring), then to dt: the oracle's ops */
         for (int i = 0; i < G; ++i) {
-            float v = e2m1_value(load(a->w, base + i, dt) / p2, cap) * p2;
+            float v = e2m1_value(load(a->w, base + i, dt) * inv, cap) * p2;
             store(a->out, base + i, dt == DT_BF16 ? v : bf_round(v), dt);   /* bf16: store rounds */
         }
     }
@@ -329,10 +331,10 @@ INLINE void mx_pack_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *ba
         uint32_t m = group_absmax(a->w, base, G, dt);
         if (!abs_bits_finite(m, dt)) *bad = 1;
         int e = mx_exponent(abs_bits_value(m, dt));
-        float p2 = pow2i(e), cap = mx_cap(e);
+        float inv = pow2i(-e), cap = mx_cap(e);   /* w / 2^e == w * 2^-e exactly (see above) */
         a->scale[g] = (uint8_t)(e + 127);
         uint8_t c[G];
-        for (int i = 0; i < G; ++i) c[i] = (uint8_t)e2m1_code(load(a->w, base + i, dt) / p2, cap);
+        for (int i = 0; i < G; ++i) c[i] = (uint8_t)e2m1_code(load(a->w, base + i, dt) * inv, cap);
         pack_pairs(a->packed + (base >> 1), c, G);
     }
 }
