@@ -480,13 +480,29 @@ static void nv_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad)
 }
 
 /* g: float32 global scale per matrix (nvfp4._global_scale, computed by the caller) */
-int API(nvfp4_fake_quant)(const void *w, void *out, const float *g, int dt, int64_t numel, int64_t matsize,
-                          int threads) {
+/* nvfp4.global_scale without global_amax, in place on each matrix's amax:
+ * g = fl(fl(1 / clamp(amax, FLT_MIN, BF16_MAX)) * 2688), non-finite -> 1 (NaN passes the clamp). */
+static void nv_global_scales(float *g, int64_t nmat) {
+    for (int64_t i = 0; i < nmat; ++i) {
+        float a = g[i];
+        a = a < 1.17549435e-38f ? 1.17549435e-38f : a;                 /* FLT_MIN */
+        a = a > 3.38953139e38f ? 3.38953139e38f : a;                   /* bf16 max, exact */
+        float v = (1.0f / a) * 2688.0f;
+        g[i] = (f2u(v) & 0x7F800000u) == 0x7F800000u ? 1.0f : v;
+    }
+}
+
+/* own_g: g[] holds nothing yet: compute every matrix's amax and global scale here first (the
+ * caller passed no global_amax); otherwise g[] holds the global scales. */
+int API(nvfp4_fake_quant)(const void *w, void *out, float *g, int dt, int64_t numel, int64_t matsize,
+                          int own_g, int threads) {
+    if (own_g) { API(matrix_amax)(w, g, dt, numel / matsize, matsize, threads); nv_global_scales(g, numel / matsize); }
     nv_args a = {w, out, NULL, NULL, g, matsize / 16, dt};
     return (int)parallel_for(threads, numel / 16, nv_fq_chunk, &a);
 }
-int API(nvfp4_quant_pack)(const void *w, uint8_t *packed, uint8_t *scale, const float *g, int dt, int64_t numel,
-                          int64_t matsize, int threads) {
+int API(nvfp4_quant_pack)(const void *w, uint8_t *packed, uint8_t *scale, float *g, int dt, int64_t numel,
+                          int64_t matsize, int own_g, int threads) {
+    if (own_g) { API(matrix_amax)(w, g, dt, numel / matsize, matsize, threads); nv_global_scales(g, numel / matsize); }
     nv_args a = {w, NULL, packed, scale, g, matsize / 16, dt};
     return (int)parallel_for(threads, numel / 16, nv_pack_chunk, &a);
 }

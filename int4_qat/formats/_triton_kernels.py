@@ -16,6 +16,9 @@ GPU-specific traps and what avoids each:
 * amax is an integer max over the bit patterns of |w| (NaN-safe: NaN sorts above Inf); a
   non-finite group sets a device-side flag (``tl.atomic_max``, no host sync) and serves NaN.
 
+Compilation: one kernel per (format, dtype, group size, rule), cached on disk by Triton
+(``~/.triton/cache``); sizes are not specialised on, so new shapes do not recompile.
+
 Exactness is tested bitwise against the CPU result by the ``gpu``-marked tests in
 tests/test_formats_fused.py.
 """
@@ -110,7 +113,8 @@ if triton is not None:
         sign = src.to(tl.uint32, bitcast=True) & 0x80000000
         return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
-    @triton.jit
+    # do_not_specialize: one compiled kernel per dtype / group / rule, not per tensor size
+    @triton.jit(do_not_specialize=["n_groups"])
     def _int4_kernel(x_ptr, out_ptr, flag_ptr, n_groups, divisor, floor, zero_scale, smax, qmin, qmax,
                      RULE: tl.constexpr, SERVED_EXACT: tl.constexpr, OUT_KIND: tl.constexpr,
                      G: tl.constexpr, ROWS: tl.constexpr):
@@ -130,7 +134,7 @@ if triton is not None:
             v = _bf16_round(v)
         _finish(out_ptr, flag_ptr, v, offs, rmask, mbits, OUT_KIND)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_groups"])
     def _mxfp4_kernel(x_ptr, out_ptr, flag_ptr, n_groups, OUT_KIND: tl.constexpr, ROWS: tl.constexpr):
         x, offs, rows, rmask, mbits = _load_groups(x_ptr, tl.program_id(0), n_groups, 32, ROWS, OUT_KIND == 0)
         # e = ceil(log2(amax / 6)) from the bits (mxfp4._block_exponents); subnormal amax is
@@ -156,7 +160,7 @@ if triton is not None:
         nrm = _rint(tl.div_rn(s, quantum)) * quantum
         return tl.where(s < 0.015625, sub, nrm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_groups", "blocks_per_mat"])
     def _nvfp4_kernel(x_ptr, out_ptr, flag_ptr, g_ptr, n_groups, blocks_per_mat,
                       OUT_KIND: tl.constexpr, ROWS: tl.constexpr):
         x, offs, rows, rmask, mbits = _load_groups(x_ptr, tl.program_id(0), n_groups, 16, ROWS, OUT_KIND == 0)

@@ -147,8 +147,8 @@ class _CpuLib:
             "mxfp4_fake_quant": (I, [P, P, I, I64, I]),
             "mxfp4_quant_pack": (I, [P, P, P, I, I64, I]),
             "matrix_amax": (None, [P, P, I, I64, I64, I]),
-            "nvfp4_fake_quant": (I, [P, P, P, I, I64, I64, I]),
-            "nvfp4_quant_pack": (I, [P, P, P, P, I, I64, I64, I]),
+            "nvfp4_fake_quant": (I, [P, P, P, I, I64, I64, I, I]),
+            "nvfp4_quant_pack": (I, [P, P, P, P, I, I64, I64, I, I]),
             "variant_supported": (I, []),
         }
         self.variants: dict[str, dict[str, ctypes._CFuncPtr]] = {}
@@ -274,15 +274,18 @@ def _p(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _nv_global(fns, x: Tensor, global_amax: Tensor | None, name: str) -> Tensor:
-    """Per-matrix float32 global scale ``[..., 1]`` (nvfp4.global_scale of the C matrix amax)."""
-    lead = x.shape[:-2]
-    amax = torch.empty((*lead, 1), dtype=torch.float32)
+def _nv_global(fns, x: Tensor, global_amax: Tensor | None, name: str) -> tuple[Tensor, int]:
+    """(float32 ``[..., 1]`` buffer, own_g): without ``global_amax`` the kernel computes each
+    matrix's amax and global scale itself (own_g=1; the rule of nvfp4.global_scale, tested equal);
+    with it, nvfp4.global_scale validates it and computes g here."""
+    g = torch.empty((*x.shape[:-2], 1), dtype=torch.float32)
+    if global_amax is None:
+        return g, 1
     matsize = x.shape[-2] * x.shape[-1]
-    fns["matrix_amax"](x.data_ptr(), amax.data_ptr(), _DTYPES[x.dtype], x.numel() // max(matsize, 1),
+    fns["matrix_amax"](x.data_ptr(), g.data_ptr(), _DTYPES[x.dtype], x.numel() // max(matsize, 1),
                        matsize, _threads(x.numel()))
-    report_nonfinite(~torch.isfinite(amax).all(), name)  # before global_amax checks, as the oracle
-    return nvfp4.global_scale(amax, global_amax, name).contiguous()
+    report_nonfinite(~torch.isfinite(g).all(), name)  # before global_amax checks, as the oracle
+    return nvfp4.global_scale(g, global_amax, name).contiguous(), 0
 
 
 # ------------------------------------------------------------------ fake quant
@@ -300,9 +303,9 @@ def _cpu_fake_quant(fns, fmt: QuantFormat, x: Tensor, group_size: int, name: str
     elif fmt is QuantFormat.MXFP4:
         bad = fns["mxfp4_fake_quant"](x.data_ptr(), out.data_ptr(), dt, n, thr)
     else:
-        g = _nv_global(fns, x, rule.get("global_amax"), name)
+        g, own = _nv_global(fns, x, rule.get("global_amax"), name)
         bad = fns["nvfp4_fake_quant"](x.data_ptr(), out.data_ptr(), g.data_ptr(), dt, n,
-                                      x.shape[-2] * x.shape[-1], thr)
+                                      x.shape[-2] * x.shape[-1], own, thr)
     _report(bad, name)
     return out
 
@@ -359,9 +362,9 @@ def _cpu_quantize_pack(fns, fmt: QuantFormat, x: Tensor, group_size: int, name: 
         bad = fns["mxfp4_quant_pack"](x.data_ptr(), packed.data_ptr(), scale.data_ptr(), dt, n, thr)
         _report(bad, name)
         return {"weight_packed": packed, "weight_scale": scale}
-    g = _nv_global(fns, x, rule.get("global_amax"), name)
+    g, own = _nv_global(fns, x, rule.get("global_amax"), name)
     bad = fns["nvfp4_quant_pack"](x.data_ptr(), packed.data_ptr(), scale.data_ptr(), g.data_ptr(), dt, n,
-                                  x.shape[-2] * k, thr)
+                                  x.shape[-2] * k, own, thr)
     _report(bad, name)
     return {"weight_packed": packed, "weight_scale": scale.view(torch.float8_e4m3fn),
             "weight_global_scale": g}
