@@ -177,6 +177,15 @@ def test_multithreaded_chunks_equal_the_oracle(fmt, group):
         torch.set_num_threads(prev)
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matrix_amax_equals_the_oracle(dtype):
+    for regime in ("normal", "wide", "tiny", "huge", "nonfinite"):
+        w = make(4, (3, 5, 48), dtype, regime, "nvfp4", 16)
+        assert torch.equal(fused.matrix_amax(w).view(torch.int32), nvfp4.matrix_amax(w).view(torch.int32)) \
+            or regime == "nonfinite" and torch.equal(fused.matrix_amax(w).isnan(), nvfp4.matrix_amax(w).isnan())
+
+
 # ------------------------------------------------------------------- contract around it ---
 @needs_kernels
 def test_straight_through_and_nothing_saved():

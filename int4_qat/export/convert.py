@@ -112,12 +112,11 @@ def fused_kwargs(scheme, tensor: torch.Tensor, siblings: list[torch.Tensor]) -> 
     """Extra format kwargs for a weight with fusion partners (NVFP4 shared ``global_amax``)."""
     if not siblings or _fmt(scheme) != "nvfp4":
         return {}
-    from int4_qat.formats import get_format
+    from int4_qat.formats import fused
 
-    fmt = get_format(scheme.format)
-    amax = fmt.matrix_amax(tensor)
+    amax = fused.matrix_amax(tensor)  # = nvfp4.matrix_amax, one pass
     for s in siblings:
-        amax = torch.maximum(amax, fmt.matrix_amax(s))
+        amax = torch.maximum(amax, fused.matrix_amax(s))
     return {"global_amax": amax}
 
 

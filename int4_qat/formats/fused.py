@@ -63,7 +63,7 @@ from int4_qat.formats._common import (
 )
 from int4_qat.formats.finite import report_nonfinite
 
-__all__ = ["fake_quantize", "quantize_pack", "implementation", "cpu_variants", "CFLAGS"]
+__all__ = ["fake_quantize", "quantize_pack", "matrix_amax", "implementation", "cpu_variants", "CFLAGS"]
 
 log = logging.getLogger("int4_qat.formats")
 
@@ -295,6 +295,22 @@ def _nv_global(fns, x: Tensor, global_amax: Tensor | None, name: str) -> tuple[T
                        matsize, _threads(x.numel()))
     report_nonfinite(~torch.isfinite(g).all(), name)  # before global_amax checks, as the oracle
     return nvfp4.global_scale(g, global_amax, name).contiguous(), 0
+
+
+def matrix_amax(w: Tensor) -> Tensor:
+    """``nvfp4.matrix_amax(w)`` (max |w| per 2-D matrix, float32 ``[..., 1]``) in one pass on
+    CPU (an integer max over the bits: exact, NaN / Inf as torch's amax gives them)."""
+    impl = implementation(w.device)
+    if not impl.startswith("cpu-") or w.dtype not in _DTYPES or w.ndim < 2:
+        return nvfp4.matrix_amax(w)
+    x = w.detach().contiguous()
+    amax = torch.empty((*x.shape[:-2], 1), dtype=torch.float32)
+    matsize = x.shape[-2] * x.shape[-1]
+    if matsize == 0:
+        return nvfp4.matrix_amax(w)
+    _load().variants[impl[4:]]["matrix_amax"](x.data_ptr(), amax.data_ptr(), _DTYPES[x.dtype],
+                                               x.numel() // matsize, matsize, _threads(x.numel()))
+    return amax
 
 
 # ------------------------------------------------------------------ fake quant
