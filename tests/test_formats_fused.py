@@ -273,6 +273,21 @@ def test_fallback_to_the_oracle_is_logged_once(monkeypatch, caplog):
     assert torch.equal(a, get_format("int4").fake_quantize(w, 32))
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_unwritable_cache_builds_in_a_temp_dir(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if os.access(ro, os.W_OK):  # root ignores permissions: make the cache path a file instead
+        ro = tmp_path / "file"
+        ro.write_text("")
+    monkeypatch.setenv("INT4_QAT_KERNEL_CACHE", str(ro / "sub"))
+    monkeypatch.setattr(fused, "_lib", None)
+    monkeypatch.setattr(fused, "_variants", lambda: (("generic", ()),))
+    assert fused.implementation("cpu") == "cpu-generic"
+    assert not str(fused._lib.path).startswith(str(ro))
+
+
 def test_no_compiler_falls_back_with_a_warning(monkeypatch, caplog):
     monkeypatch.setattr(fused, "_lib", None)
     monkeypatch.setattr(fused, "_logged", set())

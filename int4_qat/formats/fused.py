@@ -191,7 +191,11 @@ def _load() -> "_CpuLib | None":
                 try:
                     path = _library_path(cc)
                     if not path.exists():
-                        _build(cc, path)
+                        try:
+                            _build(cc, path)
+                        except OSError:  # cache dir not writable: build in a private temp dir
+                            path = Path(tempfile.mkdtemp(prefix="int4_qat_kernels-")) / path.name
+                            _build(cc, path)
                     _lib = _CpuLib(path)
                 except Exception as exc:  # noqa: BLE001 - any failure means: use the oracle
                     _log_once("cpu", logging.WARNING, f"int4_qat fused kernels: could not build "
