@@ -1,4 +1,4 @@
-"""Fake-quant cost: our numerics (int4_qat.formats through QuantScheme) vs ModelOpt's INT4 block quant.
+"""Fake-quant cost: fused kernels vs the eager oracle vs ModelOpt's INT4 block quant vs a clone.
 
     python bench/bench_fake_quant.py                       # 4096x1536, bf16 + fp32, 7 rounds
     python bench/bench_fake_quant.py --repeats 9 --threads 2 --shape 4096 1536
@@ -6,22 +6,24 @@
 
 What is timed: one fake-quant forward of an MoE-expert-shaped weight (default ``[4096, 1536]``: a
 down_proj of a model with hidden 4096 and moe_intermediate 1536, [N, K] = [out, in]) with ``requires_grad=True`` and
-autograd on, as in training; one warm-up, then ``--repeats`` rounds in which every case runs
-once (round-robin, so load on a shared machine hits all cases alike); median (and min) per case,
-also as milliseconds per million weights (median). Rows:
+autograd on, as in training; one warm-up (which also builds / loads the fused kernels), then
+``--repeats`` rounds in which every case runs once (round-robin, so load on a shared machine hits
+all cases alike); median (and min) per case, also as milliseconds per million weights. Rows:
 
-* ``ours``        - ``QuantScheme.fake_quantize`` (the numerics the registered backend calls):
-                    per-group amax from the live weight, bf16 scale, served-weight rounding.
-* ``ours via mtq``- the same through a ModelOpt ``TensorQuantizer`` configured by
-                    ``QuantScheme.modelopt_config()`` (shows the backend dispatch overhead).
-* ``modelopt``    - ModelOpt's built-in static INT4 block quantizer
-                    (``INT4_BLOCKWISE_WEIGHT_ONLY_CFG`` with ``block_sizes {-1: G}``), amax
-                    calibrated once beforehand (not timed; it is frozen during training).
-                    ModelOpt's MXFP4/NVFP4 fake quant needs CUDA, so on CPU every format is
-                    compared with ModelOpt INT4 at the same group size.
+* ``clone``         - ``w.clone()``: one read and one write of the weight, the memory floor.
+* ``modelopt``      - ModelOpt's built-in static INT4 block quantizer
+                      (``INT4_BLOCKWISE_WEIGHT_ONLY_CFG`` with ``block_sizes {-1: G}``), amax
+                      calibrated once beforehand (not timed; it is frozen during training).
+                      ModelOpt's MXFP4/NVFP4 fake quant needs CUDA, so on CPU every format is
+                      compared with ModelOpt INT4 at the same group size.
+* ``fused``         - ``int4_qat.formats.fused.fake_quantize`` (what training and export use).
+* ``fused via mtq`` - the same through a ModelOpt ``TensorQuantizer`` configured by
+                      ``QuantScheme.modelopt_config()`` (adds ModelOpt's dispatch overhead).
+* ``oracle``        - the eager reference (``QuantScheme.fake_quantize``), same bits.
 
-``ratio`` = row time / ModelOpt INT4 time at the same group size and dtype (lower is faster), by
-median and by min (min is the robust one on a loaded machine: noise only ever adds time).
+``vs modelopt`` = time / ModelOpt INT4 time at the same group size and dtype; ``vs clone`` = time /
+clone time (both lower is faster; by median, and by min -- min is the robust one on a loaded
+machine: noise only ever adds time).
 """
 from __future__ import annotations
 
@@ -99,6 +101,7 @@ def _modelopt_int4_cfg(group: int) -> dict:
 
 
 def run(shape, dtypes, repeats: int, device: str) -> list[dict]:
+    from int4_qat.formats import fused
     from int4_qat.modelopt_backend import register_backend
 
     register_backend()
@@ -106,40 +109,63 @@ def run(shape, dtypes, repeats: int, device: str) -> list[dict]:
     for dtype in dtypes:
         torch.manual_seed(0)
         w = (torch.randn(*shape, device=device) * 0.02).to(dtype).requires_grad_(True)
-        fns, group_of = {}, {}
+        fns, group_of = {"clone": lambda: w.clone()}, {"clone": None}
         for group in sorted({QuantScheme(**kw).group_size for _, kw in CASES}):
             lin = _quantized_linear(w.detach(), _modelopt_int4_cfg(group))
             fns[f"modelopt int4 g{group}"] = lambda m=lin: m.weight_quantizer(m.weight)
             group_of[f"modelopt int4 g{group}"] = group
         for label, kw in CASES:
             scheme = QuantScheme(**kw)
-            fns[f"ours {label}"] = lambda s=scheme: s.fake_quantize(w)
+            fns[f"fused {label}"] = (lambda s=scheme: fused.fake_quantize(
+                s.format, w, s.group_size, **s.rule_kwargs))
             lin = _quantized_linear(w.detach(), scheme.modelopt_config())
-            fns[f"ours via mtq {label}"] = lambda m=lin: m.weight_quantizer(m.weight)
-            group_of[f"ours {label}"] = group_of[f"ours via mtq {label}"] = scheme.group_size
+            fns[f"fused via mtq {label}"] = lambda m=lin: m.weight_quantizer(m.weight)
+            fns[f"oracle {label}"] = lambda s=scheme: s.fake_quantize(w)
+            for pre in ("fused", "fused via mtq", "oracle"):
+                group_of[f"{pre} {label}"] = scheme.group_size
         times = _time_interleaved(fns, repeats, device)
         med = {k: statistics.median(v) for k, v in times.items()}
+        best = {k: min(v) for k, v in times.items()}
         for key in fns:
-            base = med[f"modelopt int4 g{group_of[key]}"]
-            best = min(times[key])
-            base_best = min(times[f"modelopt int4 g{group_of[key]}"])
-            rows.append(dict(dtype=dtype, case=key, ms=med[key], min_ms=best,
-                             per_m=med[key] / (w.numel() / 1e6), ratio=med[key] / base,
-                             ratio_min=best / base_best))
+            base = f"modelopt int4 g{group_of[key]}" if group_of[key] else "clone"
+            rows.append(dict(dtype=dtype, case=key, ms=med[key], min_ms=best[key],
+                             per_m=med[key] / (w.numel() / 1e6),
+                             vs_mo=med[key] / med[base], vs_mo_min=best[key] / best[base],
+                             vs_clone=med[key] / med["clone"], vs_clone_min=best[key] / best["clone"]))
+        rows.append(dict(dtype=dtype, impl=fused.implementation(device)))
     return rows
 
 
 def format_table(rows, shape, repeats, device) -> str:
     head = (f"fake quant of a {shape[0]}x{shape[1]} weight on {device} "
-            f"({torch.get_num_threads()} threads), median of {repeats}; "
-            "ratio = time / ModelOpt INT4 at the same group size (by median, and by min)")
-    lines = [head, f"{'dtype':<9} {'case':<24} {'median ms':>10} {'min ms':>8} "
-                   f"{'ms/Mweight':>11} {'ratio':>7} {'ratio(min)':>10}"]
+            f"({torch.get_num_threads()} threads), {repeats} interleaved rounds; ratios by median "
+            "(by min); vs modelopt = / ModelOpt INT4 at the same group size, vs clone = / w.clone()")
+    lines = [head, f"{'dtype':<9} {'case':<24} {'median ms':>10} {'min ms':>8} {'ms/Mweight':>11} "
+                   f"{'vs modelopt':>16} {'vs clone':>16}"]
     for r in rows:
         dt = str(r["dtype"]).replace("torch.", "")
-        lines.append(f"{dt:<9} {r['case']:<24} {r['ms']:>10.2f} {r['min_ms']:>8.2f} "
-                     f"{r['per_m']:>11.2f} {r['ratio']:>7.2f} {r['ratio_min']:>10.2f}")
+        if "impl" in r:
+            lines.append(f"{dt:<9} (fused implementation: {r['impl']})")
+            continue
+        lines.append(f"{dt:<9} {r['case']:<24} {r['ms']:>10.2f} {r['min_ms']:>8.2f} {r['per_m']:>11.2f} "
+                     f"{r['vs_mo']:>7.2f} ({r['vs_mo_min']:>5.2f}) {r['vs_clone']:>7.2f} "
+                     f"({r['vs_clone_min']:>5.2f})")
     return "\n".join(lines)
+
+
+def _keep_freed_memory() -> bool:
+    """glibc returns large freed blocks to the OS, so every call's fresh output would be
+    page-faulted in again (a cost of the benchmark loop, not of any kernel: training reuses its
+    allocator's memory). Keep them in the heap, as a caching allocator would."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        big = (1 << 31) - 1  # mallopt takes a C int
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, big))
+    except (OSError, AttributeError):
+        return False
 
 
 def main(argv=None) -> int:
@@ -157,6 +183,8 @@ def main(argv=None) -> int:
     if args.shape[1] % 128:
         p.error(f"--shape K={args.shape[1]} must be a multiple of 128 (every group size divides it)")
     dtypes = [getattr(torch, d) for d in args.dtypes]
+    if args.device == "cpu" and not _keep_freed_memory():
+        print("note: could not set mallopt; outputs are page-faulted in on every call", file=sys.stderr)
     rows = run(tuple(args.shape), dtypes, args.repeats, args.device)
     print(format_table(rows, args.shape, args.repeats, args.device))
     return 0

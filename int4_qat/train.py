@@ -58,6 +58,7 @@ import torch.distributed as dist
 
 from int4_qat import checkpoint as ckpt
 from int4_qat import data as D
+from int4_qat.formats import finite_check, raise_if_nonfinite
 from int4_qat.parallel import dist_env, init_parallel, megatron_layout_kwargs, validate_layout
 from int4_qat.resume import check_resume, check_resume_data, data_fingerprint
 
@@ -321,7 +322,11 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         mbs = self.sampler.microbatches(self.step)
-        loss = self._run_schedule(self.train_ds, mbs, forward_only=False)
+        with finite_check("defer"):  # fake quant flags NaN/Inf weights on the device, no sync each
+            try:
+                loss = self._run_schedule(self.train_ds, mbs, forward_only=False)
+            finally:  # once per step (the loss is fetched anyway); names the weights, also when
+                raise_if_nonfinite()  # Megatron's NaN-gradient check fired first
         ok, grad_norm, _ = self.optimizer.step()
         lr = self.optimizer.param_groups[0]["lr"]
         if ok:

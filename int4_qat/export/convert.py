@@ -50,6 +50,7 @@ __all__ = [
     "GPT_OSS_EXPERT_RE",
     "attach_siblings",
     "quantize",
+    "quantize_pack",
     "fake_quantize",
     "chunk_rows",
 ]
@@ -111,12 +112,11 @@ def fused_kwargs(scheme, tensor: torch.Tensor, siblings: list[torch.Tensor]) -> 
     """Extra format kwargs for a weight with fusion partners (NVFP4 shared ``global_amax``)."""
     if not siblings or _fmt(scheme) != "nvfp4":
         return {}
-    from int4_qat.formats import get_format
+    from int4_qat.formats import fused
 
-    fmt = get_format(scheme.format)
-    amax = fmt.matrix_amax(tensor)
+    amax = fused.matrix_amax(tensor)  # = nvfp4.matrix_amax, one pass
     for s in siblings:
-        amax = torch.maximum(amax, fmt.matrix_amax(s))
+        amax = torch.maximum(amax, fused.matrix_amax(s))
     return {"global_amax": amax}
 
 
@@ -130,15 +130,22 @@ def quantize(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | 
     return get_format(scheme.format).quantize(w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
 
 
+def quantize_pack(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """``fmt.pack(quantize(...))`` in one fused pass (int4_qat.formats.fused; same bytes)."""
+    from int4_qat.formats import fused
+
+    kw = fused_kwargs(scheme, w, siblings or [])
+    return fused.quantize_pack(scheme.format, w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
+
+
 def fake_quantize(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``scheme.fake_quantize`` plus the shared NVFP4 global amax (what training computes on the
-    fused Megatron weight)."""
-    kw = fused_kwargs(scheme, w, siblings or [])
-    if not kw:
-        return scheme.fake_quantize(w, name)
-    from int4_qat.formats import get_format
+    fused Megatron weight); fused kernels, the oracle's bits (int4_qat.formats.fused)."""
+    from int4_qat.formats import fused
 
-    return get_format(scheme.format).fake_quantize(w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
+    kw = fused_kwargs(scheme, w, siblings or [])
+    return fused.fake_quantize(scheme.format, w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
 
 
 def _fmt(scheme) -> str:
@@ -254,8 +261,7 @@ def convert(plan: TensorPlan, tensor: torch.Tensor, scheme, siblings: list[torch
         return [blocks, scales]
     for sib_name, sib in zip(plan.siblings, siblings or []):
         _finite(sib_name, sib)
-    q = quantize(scheme, tensor, plan.module, siblings)
-    packed = fmt.pack(q)
+    packed = quantize_pack(scheme, tensor, plan.module, siblings)
     out = []
     for spec in plan.outputs:
         suffix = spec.name[len(plan.module) + 1:]

@@ -13,6 +13,11 @@ One module per format, each with the same functions (docs/DESIGN.md section 1):
 - ``int4``: symmetric INT4, groups of 32/64/128 (Marlin), bf16 scales, ``pack-quantized``.
 - ``mxfp4``: E2M1 + E8M0 power-of-two scale per 32, ``mxfp4-pack-quantized`` and gpt-oss blocks.
 - ``nvfp4``: E2M1 + E4M3 scale per 16 + float32 global scale, ``nvfp4-pack-quantized``.
+
+These modules are the oracle: clear eager code that defines every bit. ``int4_qat.formats.fused``
+computes the same bits at memory speed (C kernels on CPU, Triton on CUDA) for training and
+export; ``finite_check`` / ``raise_if_nonfinite`` (``finite.py``) defer the NaN/Inf check to once
+per training step.
 """
 from __future__ import annotations
 
@@ -20,8 +25,15 @@ from types import ModuleType
 
 from int4_qat.formats import int4, mxfp4, nvfp4
 from int4_qat.formats._common import QuantFormat, QuantizedTensor
+from int4_qat.formats.finite import (
+    finite_check,
+    finite_check_mode,
+    raise_if_nonfinite,
+    set_finite_check,
+)
 
-__all__ = ["QuantFormat", "QuantizedTensor", "get_format", "int4", "mxfp4", "nvfp4"]
+__all__ = ["QuantFormat", "QuantizedTensor", "get_format", "int4", "mxfp4", "nvfp4",
+           "finite_check", "finite_check_mode", "raise_if_nonfinite", "set_finite_check"]
 
 _MODULES = {QuantFormat.INT4: int4, QuantFormat.MXFP4: mxfp4, QuantFormat.NVFP4: nvfp4}
 

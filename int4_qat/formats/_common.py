@@ -40,6 +40,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from int4_qat.formats.finite import check_finite  # noqa: F401  (re-exported: one definition)
+
 __all__ = [
     "QuantFormat",
     "QuantizedTensor",
@@ -145,12 +147,6 @@ def check_weight(w: Tensor, group_size: int, name: str) -> None:
     if w.shape[-1] % group_size != 0:
         raise ValueError(f"{name}: last dim (in_features) of shape {tuple(w.shape)} is not "
                          f"divisible by group_size {group_size}")
-
-
-def check_finite(amax: Tensor, name: str) -> None:
-    """``amax`` is a reduction of |w|; a NaN or Inf anywhere in ``w`` shows up in it."""
-    if not bool(torch.isfinite(amax).all()):
-        raise ValueError(f"{name}: weight contains NaN or Inf; refusing to quantize it")
 
 
 def true_div(x: Tensor, divisor: float) -> Tensor:

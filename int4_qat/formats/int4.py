@@ -112,6 +112,7 @@ def _largest_safe_scale(qext: int) -> Tensor:
 
 #: scale_rule -> largest bf16 scale whose extreme code times the scale is finite in bf16.
 S_MAX = {rule: _largest_safe_scale(max(-lo, hi)) for rule, (_, lo, hi) in SCALE_RULES.items()}
+_S_MAX_F = {rule: float(s) for rule, s in S_MAX.items()}  # as Python floats (bf16 values, exact)
 
 
 def _rule(scale_rule: str, name: str) -> tuple[float, int, int]:
@@ -135,7 +136,7 @@ def _scales_and_codes(w: Tensor, group_size: int, scale_rule: str, name: str):
     s = s.to(torch.bfloat16)
     if scale_rule == "amax/7.5":
         s = torch.where(s == 0, torch.full_like(s, _CT_ZERO_SCALE), s)
-    s = torch.minimum(s, S_MAX[scale_rule].to(s.device))
+    s = s.clamp(max=_S_MAX_F[scale_rule])  # a bf16 value: exact; a scalar: no device copy
     q = torch.round(wg / s.float().unsqueeze(-1)).clamp_(qmin, qmax)
     # + 0.0 turns -0.0 into +0.0: an integer code has no negative zero, so the served weight of a
     # zero code is +0.0 (compressed-tensors: int8 0 -> bf16 0.0 -> 0.0 * s).

@@ -70,6 +70,7 @@ from int4_qat.formats._common import (
     true_div,
     unpack_nibbles,
 )
+from int4_qat.formats.finite import finite_check_mode, report_nonfinite
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -77,6 +78,7 @@ __all__ = [
     "E2M1_MAX",
     "ZERO_SCALE",
     "matrix_amax",
+    "global_scale",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -106,14 +108,22 @@ def matrix_amax(w: Tensor) -> Tensor:
 
 def _global_scale(amax_blocks: Tensor, global_amax: Tensor | None, name: str) -> Tensor:
     """Per-matrix float32 global scale ``[..., 1]`` from block amaxes ``[..., N, K/16]``."""
-    amax = amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1)
+    return global_scale(amax_blocks.amax(dim=(-2, -1)).unsqueeze(-1), global_amax, name)
+
+
+def global_scale(amax: Tensor, global_amax: Tensor | None = None, name: str = "weight") -> Tensor:
+    """The float32 global scale ``[..., 1]`` of each matrix from its amax ``[..., 1]`` (float32;
+    :func:`matrix_amax`), or from ``global_amax`` when given (validated against ``amax``)."""
     if global_amax is not None:
         if not isinstance(global_amax, Tensor) or global_amax.shape != amax.shape:
             raise ValueError(f"{name}: global_amax must be a tensor of shape {tuple(amax.shape)} "
                              f"(one per 2-D matrix, see matrix_amax), got "
                              f"{getattr(global_amax, 'shape', type(global_amax).__name__)}")
         ga = global_amax.to(device=amax.device, dtype=torch.float32)
-        if not bool((torch.isfinite(ga) & (ga >= amax)).all()):
+        ok = (torch.isfinite(ga) & (ga >= amax)).all()
+        if finite_check_mode() == "defer":  # no host sync in a training forward
+            report_nonfinite(~ok, f"{name} (global_amax non-finite or below the matrix amax)")
+        elif not bool(ok):
             raise ValueError(f"{name}: global_amax must be finite and >= the matrix's own amax "
                              f"(a max over a larger group), got {ga.flatten().tolist()[:4]} vs "
                              f"{amax.flatten().tolist()[:4]}")
