@@ -365,7 +365,7 @@ def _markdown(files: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], 
           "\"weights vs the export\": the GGUF's weights decoded by the `gguf` package against the "
           "weights the compressed-tensors export serves.", ""]
     heads = ["row", "GGUF", "file bytes", "weights vs the export", "llama.cpp − transformers loss",
-             "eval tok/s"]
+             "eval tok/s (wall)"]
     body = []
     for f in files:
         diff = (f["llama_cpp_loss"] - f["transformers_loss"]) if f["llama_cpp_loss"] is not None else None

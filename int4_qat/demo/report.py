@@ -224,7 +224,11 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "near-tie (two router probabilities within ~1e-8) that the two fp32 forwards resolve "
            "differently. ckpt bytes: safetensors payload with every "
            "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
-           "so that the reload reproduces the fp32 training-side forward exactly.", ""]
+           "so that the reload reproduces the fp32 training-side forward exactly."
+           + ("" if not extra_columns(rows) else
+              " `<name> loss` / `<name> Δ` columns: an extra evaluator of the same exports, its Δ "
+              "paired against the same evaluator on the BF16 reference row (see its section below)."),
+           ""]
     if headlines:
         md += ["Headlines (computed from the table):", *[f"- {h}" for h in headlines], ""]
     notes = [f"- {r.format} / {r.method}: {r.note}" for r in rows if r.note]
