@@ -205,6 +205,18 @@ def test_summary_wording_follows_significance():
     assign_deltas(rows)
     h = headlines(rows)[0]
     assert "not significant" in h and "QAT closes" not in h
+    # an extra evaluator's column gets the same treatment (gaps(extra=...)): the same numbers
+    # when it holds the same losses, others when it holds others
+    from int4_qat.demo.compare import gap_line, gaps
+
+    rows = _wrows(0.02, 0.002)
+    for r in rows:
+        r.extra["x"] = {"loss": r.eval_loss, "window_losses": list(r.window_losses)}
+        r.extra["y"] = {"loss": r.eval_loss + 0.001 * (r.method == "qat"),
+                        "window_losses": [v + 0.001 * (r.method == "qat") for v in r.window_losses]}
+    assign_deltas(rows)
+    assert [gap_line(g) for g in gaps(rows, extra="x")] == [gap_line(g) for g in gaps(rows)] != []
+    assert gaps(rows, extra="y")[0].qat.value == pytest.approx(gaps(rows)[0].qat.value + 0.001)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -367,8 +379,17 @@ def test_demo_llama_cpp_column(ci_run):
         # 0.965-0.986): a GGUF of other weights (or of the unquantized model) would not correlate
         hf = torch.tensor(r["window_losses"], dtype=torch.float64) - torch.tensor(ref["window_losses"], dtype=torch.float64)
         assert float(torch.corrcoef(torch.stack([wl - ref_wl, hf]))[0, 1]) > 0.8, (f, m)
-    # the files: converted from the rows' exports, with the types they should hold
+    # the section's gap lines: the column's own intervals, the headlines' wording
     sec = js["meta"]["sections"]["llama.cpp"]
+    md = (out / "summary.md").read_text()
+    assert len(sec["headlines"]) == 2
+    for f in ("int4-g32", "mxfp4"):
+        line = next(x for x in sec["headlines"] if x.startswith(f"llama.cpp {f}: PTQ Δ"))
+        for m in ("ptq", "qat"):
+            c = rows[(f, m)]["extra"]["llama.cpp"]
+            assert f"{c['delta']:+.4f} [{c['delta_lo']:+.4f}, {c['delta_hi']:+.4f}]" in line
+        assert line in stdout and f"- {line}" in md
+    # the files: converted from the rows' exports, with the types they should hold
     files = {f["row"]: f for f in sec["files"]}
     assert set(files) == {f"{f} {m}" for f, m in LLAMA_ROWS}
     for name, f in files.items():
@@ -396,7 +417,6 @@ def test_demo_llama_cpp_column(ci_run):
     for d in bench:
         assert re.search(rf"\n{d['row']}\s+{d['type']}\s", head), d["row"]
     assert "llama.cpp loss" in stdout and "llama.cpp Δ [95% CI]" in stdout
-    md = (out / "summary.md").read_text()
     assert "## llama.cpp" in md and "### llama.cpp tokens/s on this machine" in md
     assert "| bf16 trained | BF16 |" in md and "no prediction for a 30 B model" in md
     assert is_png(out / "llama_cpp_tokens_per_s.png")

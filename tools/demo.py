@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole int4-qat pipeline on one CPU: BF16 → PTQ vs QAT (INT4 g32/g128, MXFP4, NVFP4) → export → reload.
+"""The whole int4-qat pipeline on one CPU: BF16 → PTQ vs QAT (INT4 g32/g128, MXFP4, NVFP4) → export → reload → llama.cpp.
 
     make demo                                   # == .venv/bin/python tools/demo.py
     make demo DEMO_ARGS="--steps 2400 --qat-steps 300 --scope experts"

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import torch
 
 from int4_qat.demo.report import ExtraSection, Row, text_table
+from int4_qat.demo.stats import RESAMPLES
 
 __all__ = ["ACCEPTED", "BENCH_ROWS", "LOGITS_BYTES", "GGUFFile", "LlamaCppEvaluator",
            "measure_tokens_per_s", "plot_tokens_per_s", "active_weight_bytes"]
@@ -107,13 +108,14 @@ class LlamaCppEvaluator:
     """The ``llama.cpp`` column (module docstring). ``out``: the demo's output directory (GGUFs go
     to ``out/gguf``, the plot to ``out``); ``threads``: llama.cpp threads (the demo's
     ``--threads``); ``float_type``: the unquantized matrices' GGUF type (``bf16``; ``f32`` makes the
-    BF16 rows' files an exact fp32 control, as the tests use)."""
+    BF16 rows' files an exact fp32 control, as the tests use); ``bootstrap``: ``resamples`` /
+    ``seed`` of the report's intervals (the section's "QAT closes X %" lines use them)."""
 
     name = "llama.cpp"
 
     def __init__(self, out: str | os.PathLike, *, threads: int = 1, float_type: str = "bf16",
                  bench_rounds: int = 9, bench_windows: int = 16, decode_tokens: int = 128,
-                 prompt_tokens: int = 16):
+                 prompt_tokens: int = 16, bootstrap: dict[str, int] | None = None):
         from int4_qat.export.gguf_export import FLOAT_TYPES
 
         if float_type not in FLOAT_TYPES:
@@ -128,6 +130,8 @@ class LlamaCppEvaluator:
         self.threads, self.float_type = threads, float_type
         self.bench_rounds, self.bench_windows = bench_rounds, bench_windows
         self.decode_tokens, self.prompt_tokens = decode_tokens, prompt_tokens
+        # the report's bootstrap (compare.assign_deltas' resamples / seed), for the gap lines
+        self.bootstrap = {"resamples": RESAMPLES, "seed": 0, **(bootstrap or {})}
         self.files: dict[str, GGUFFile] = {}      # str(export_dir) -> file
         self._bench_tokens: torch.Tensor | None = None
 
@@ -231,13 +235,17 @@ class LlamaCppEvaluator:
                           "llama_cpp_loss": col["loss"] if col else None,
                           "transformers_loss": r.eval_loss if r else None,
                           "eval_tokens_per_s": f.eval_tokens / f.eval_seconds if f.eval_seconds else None})
-        data = {"files": files, "tokens_per_s": bench, "float_type": self.float_type,
-                "threads": self.threads, "kv_cache": "F32"}
+        from int4_qat.demo.compare import gap_line, gaps
+
+        lines = [f"llama.cpp {gap_line(g)}" for g in gaps(rows, extra=self.name, **self.bootstrap)]
+        data = {"files": files, "headlines": lines, "tokens_per_s": bench,
+                "float_type": self.float_type, "threads": self.threads, "kv_cache": "F32"}
         plots = {}
         if bench:
             plots["llama_cpp_tokens_per_s.png"] = plot_tokens_per_s(
                 self.out / "llama_cpp_tokens_per_s.png", bench)
-        return ExtraSection(self.name, _markdown(files, bench, self.float_type), _text(bench),
+        text = "\n".join([*(f"  - {x}" for x in lines), _text(bench)]).strip("\n")
+        return ExtraSection(self.name, _markdown(files, lines, bench, self.float_type), text,
                             data, plots)
 
 
@@ -351,7 +359,8 @@ def _l3_bytes() -> int | None:
     return v if v and v > 0 else None
 
 
-def _markdown(files: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], float_type: str) -> str:
+def _markdown(files: Sequence[dict[str, Any]], lines: Sequence[str], bench: Sequence[dict[str, Any]],
+              float_type: str) -> str:
     md = ["## llama.cpp", "",
           "The `llama.cpp` columns of the table: the BF16, INT4 g32 and MXFP4 rows' exports, each "
           "converted to one GGUF file by `int4_qat.export.gguf_export` from the checkpoint and "
@@ -379,6 +388,9 @@ def _markdown(files: Sequence[dict[str, Any]], bench: Sequence[dict[str, Any]], 
                      "—" if diff is None else f"{diff:+.4f}",
                      "—" if f["eval_tokens_per_s"] is None else f"{f['eval_tokens_per_s']:,.0f}"])
     md += [text_table(heads, body, markdown=True), ""]
+    if lines:
+        md += ["Measured in llama.cpp (the headlines' wording rules, its own intervals):",
+               *[f"- {x}" for x in lines], ""]
     if any(not f["exact"] and f["ggml_type"] == "Q4_0" for f in files):
         md += ["Q4_0 weights that differ: the export serves `bf16(q·s)` (Marlin's rule, the "
                "scheme's `served: bf16`), llama.cpp decodes `q·d` exactly in fp32 — the same code q "

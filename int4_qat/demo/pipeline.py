@@ -21,7 +21,11 @@ Stages (every number in the table is measured by this file's code, nothing is co
    INT4 / MXFP4 / NVFP4, reloaded with transformers + compressed-tensors, and evaluated there.
 5. **Train-infer mismatch**: training-side fake-quant forward (Megatron + ModelOpt) vs the reloaded
    export on the same eval tokens: mean/max |Δ logprob| and KL (:mod:`int4_qat.demo.evaluate`).
-6. **Report**: every Δ vs BF16 with a paired bootstrap interval over the eval windows
+6. **llama.cpp** (``cfg.llama_cpp``, on by default; :mod:`int4_qat.demo.llama_cpp`): the BF16,
+   INT4 g32 and MXFP4 exports converted to GGUF from the same source and scheme and run by
+   llama.cpp on the eval windows (an extra evaluator column), then a tokens/s table BF16 vs Q4_0
+   vs MXFP4 (its report section).
+7. **Report**: every Δ vs BF16 with a paired bootstrap interval over the eval windows
    (:mod:`int4_qat.demo.compare`, :mod:`int4_qat.demo.stats`); ``summary.md`` / ``summary.json``
    / PNG plots (:mod:`int4_qat.demo.report`).
 """
@@ -372,7 +376,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print,
     if cfg.llama_cpp:
         from int4_qat.demo.llama_cpp import LlamaCppEvaluator
 
-        extra_evaluators.append(LlamaCppEvaluator(cfg.out, threads=cfg.threads))
+        extra_evaluators.append(LlamaCppEvaluator(
+            cfg.out, threads=cfg.threads,
+            bootstrap={"resamples": cfg.bootstrap_resamples, "seed": cfg.seed}))
     import torch.distributed as dist
 
     if not dist.is_initialized() and "RANK" not in os.environ:

@@ -21,7 +21,8 @@ export: mean / max |Δ logprob| of the target tokens and the mean KL(train || se
 vocabulary, with the export computing in fp32 (isolates the checkpoint) and, last column, the mean
 |Δ logprob| when the export computes in bf16 as a server would (adds bf16 activation rounding).
 Extra evaluators (``Row.extra``, :class:`int4_qat.demo.evaluate.ExtraEvaluator`) add a loss and a
-Δ column each.
+Δ column each, and may add a section of their own (:class:`ExtraSection`: markdown after the plots,
+text under the terminal table, data in ``summary.json`` ``meta.sections``, their PNGs).
 
 Plots use matplotlib's Agg backend (no display needed): ``loss_curves.png`` (training loss per step
 of the BF16 run and of every QAT continuation, PTQ eval losses as dashed levels),
