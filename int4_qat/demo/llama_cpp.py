@@ -244,7 +244,8 @@ class LlamaCppEvaluator:
         if bench:
             plots["llama_cpp_tokens_per_s.png"] = plot_tokens_per_s(
                 self.out / "llama_cpp_tokens_per_s.png", bench)
-        text = "\n".join([*(f"  - {x}" for x in lines), _text(bench)]).strip("\n")
+        text = "\n".join([*(f"  - {x}" for x in lines), *([""] if lines and bench else []),
+                          _text(bench)]).strip("\n")
         return ExtraSection(self.name, _markdown(files, lines, bench, self.float_type), text,
                             data, plots)
 
