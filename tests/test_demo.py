@@ -506,6 +506,17 @@ def test_llama_cpp_section_tokens_per_s(llama_exports):
     for text in (sec.text, sec.markdown):
         assert "prompt tok/CPU-s" in text and "decode × BF16" in text and "Q4_0" in text
     assert "fewer bytes" in sec.markdown and "no prediction for a 30 B model" in sec.markdown
+    # the reading of the ratios follows the numbers: decode gaining ~nothing of the byte ratio
+    # (the demo's model), all of it (memory-bound), or part of it
+    from int4_qat.demo.llama_cpp import _honesty
+
+    fake = [dict(bench[0], active_weight_bytes=700_000, tg_cpu=16_000.0, tg_cpu_vs_ref=1.0, pp_cpu_vs_ref=1.0),
+            dict(bench[1], active_weight_bytes=260_000, tg_cpu_vs_ref=1.15, pp_cpu_vs_ref=1.0)]
+    assert "4-bit weights barely change it" in _honesty(fake) and "2.7× fewer bytes" in _honesty(fake)
+    fake[1]["tg_cpu_vs_ref"] = 2.5
+    assert "decode follows the weight bytes" in _honesty(fake)
+    fake[1]["tg_cpu_vs_ref"] = 1.8
+    assert "gains part of the byte ratio" in _honesty(fake)
     assert is_png(sec.plots["llama_cpp_tokens_per_s.png"])
     paths = write_report(root / "out", rows, [Curve("bf16", [1, 2], [3.0, 2.9])], {}, sections=[sec])
     assert paths["llama_cpp_tokens_per_s.png"] == sec.plots["llama_cpp_tokens_per_s.png"]

@@ -342,14 +342,24 @@ def _honesty(bench: Sequence[dict[str, Any]]) -> str:
     l3 = _l3_bytes()
     fits = (f"; the whole {ref['type']} file ({ref['bytes'] / _MB:.1f} MB) fits in this CPU's "
             f"{l3 / 2 ** 20:.0f} MiB L3 cache" if l3 and ref["bytes"] < l3 else "")
-    return (line + f". A decoded token takes {1e6 / ref['tg_cpu']:.0f} µs of CPU{fits}. At this size "
-            "the cost of a token is mostly work that does not grow with the weight bytes (per call "
-            "and per op: graph build, scheduling, dozens of tiny kernels, the Python binding), so "
-            "4-bit weights barely change it. What 4-bit weights buy a server — decode of a large "
-            "model streams every active weight from memory once per token, so its speed follows "
-            "the bytes — does not show on a model this small; these ratios are no prediction for "
-            "a 30 B model. `bench/bench_llama_cpp.py` measures the same three types on wider "
-            "models of this architecture (README, \"The demo\").")
+    line += f". A decoded token takes {1e6 / ref['tg_cpu']:.0f} µs of CPU{fits}. "
+    # share of the byte ratio that decode gained: ~0 = per-call work dominates, ~1 = bandwidth
+    gained = [(d["tg_cpu_vs_ref"] - 1) / (ref["active_weight_bytes"] / d["active_weight_bytes"] - 1)
+              for d in bench[1:] if ref["active_weight_bytes"] > 1.05 * d["active_weight_bytes"]]
+    if gained and max(gained) < 0.25:
+        line += ("At this size the cost of a token is mostly work that does not grow with the "
+                 "weight bytes (per call and per op: graph build, scheduling, dozens of tiny "
+                 "kernels, the Python binding), so 4-bit weights barely change it. What 4-bit "
+                 "weights buy a server — decode of a large model streams every active weight from "
+                 "memory once per token, so its speed follows the bytes — does not show on a model "
+                 "this small. ")
+    elif gained and min(gained) >= 0.75:
+        line += "At this size decode follows the weight bytes (memory traffic sets its speed). "
+    elif gained:
+        line += ("Decode gains part of the byte ratio: per-call work and memory traffic both count "
+                 "at this size. ")
+    return (line + "These ratios are no prediction for a 30 B model; `bench/bench_llama_cpp.py` "
+            "measures the three types on wider models of this architecture (README, \"The demo\").")
 
 
 def _l3_bytes() -> int | None:
@@ -414,7 +424,8 @@ def plot_tokens_per_s(path: str | os.PathLike, bench: Sequence[dict[str, Any]]) 
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
-    labels = [f"{d['type']}\n({d['row']})" for d in bench]
+    labels = [f"{d['type']} ({d['row']})\n{d['active_weight_bytes'] / 1e3:.0f} kB weights / token"
+              for d in bench]
     for ax, k, title in ((axes[0], "pp", f"prompt processing ({bench[0]['pp_tokens']}-token windows)"),
                          (axes[1], "tg", "decode (one token per call)")):
         med = [d[f"{k}_cpu"] for d in bench]
@@ -429,6 +440,6 @@ def plot_tokens_per_s(path: str | os.PathLike, bench: Sequence[dict[str, Any]]) 
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"llama.cpp on this machine, {bench[0]['threads']} thread(s): the demo's tiny model "
-                 "(per-call overhead, not weight bytes, sets these rates)", fontsize=9)
+    fig.suptitle(f"llama.cpp tokens/s on this machine, {bench[0]['threads']} thread(s), the demo's "
+                 f"model (median of {bench[0]['rounds']} interleaved rounds)", fontsize=9)
     return _save(fig, path, plt)
