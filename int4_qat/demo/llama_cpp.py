@@ -97,7 +97,7 @@ def active_weight_bytes(path: str) -> int:
             total += int(t.n_bytes) * frac
         else:
             total += int(t.n_bytes)
-    return int(round(total))
+    return round(total)
 
 
 def _median(xs: Sequence[float]) -> float:
