@@ -7,6 +7,7 @@ reloaded export reproducing the training-side fake-quant loss, valid PNG plots.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -204,6 +205,18 @@ def test_summary_wording_follows_significance():
     assign_deltas(rows)
     h = headlines(rows)[0]
     assert "not significant" in h and "QAT closes" not in h
+    # an extra evaluator's column gets the same treatment (gaps(extra=...)): the same numbers
+    # when it holds the same losses, others when it holds others
+    from int4_qat.demo.compare import gap_line, gaps
+
+    rows = _wrows(0.02, 0.002)
+    for r in rows:
+        r.extra["x"] = {"loss": r.eval_loss, "window_losses": list(r.window_losses)}
+        r.extra["y"] = {"loss": r.eval_loss + 0.001 * (r.method == "qat"),
+                        "window_losses": [v + 0.001 * (r.method == "qat") for v in r.window_losses]}
+    assign_deltas(rows)
+    assert [gap_line(g) for g in gaps(rows, extra="x")] == [gap_line(g) for g in gaps(rows)] != []
+    assert gaps(rows, extra="y")[0].qat.value == pytest.approx(gaps(rows)[0].qat.value + 0.001)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -216,6 +229,13 @@ def ci_run(tmp_path_factory):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, proc.stdout, json.loads((out / "summary.json").read_text())
+
+
+def _main_table(md_path) -> str:
+    """The main table of summary.md: from its header line to the first blank line."""
+    md = md_path.read_text()
+    at = md.index("\n| format")
+    return md[at:md.index("\n\n", at)]
 
 
 @pytest.mark.slow
@@ -232,7 +252,7 @@ def test_demo_every_row(ci_run):
             assert r["checkpoint_bytes"] > 0 and r["kl"] >= 0.0
     # the terminal shows the table; summary.md holds it
     assert "int4-g128" in stdout and "mean|Δlogp|" in stdout
-    assert (out / "summary.md").read_text().count("\n| ") == len(want) + 1
+    assert _main_table(out / "summary.md").count("\n| ") == len(want) + 1     # header + rows
     # packed 4-bit experts: every quantized export is far smaller than the BF16 checkpoint
     size = {(r["format"], r["method"]): r["checkpoint_bytes"] for r in js["rows"]}
     for f in FORMATS:
@@ -315,6 +335,225 @@ def test_demo_plots_are_pngs(ci_run):
         assert p.read_bytes()[:8] == PNG_SIGNATURE, name
         img = plt.imread(str(p))
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300, (name, img.shape)
+
+
+LLAMA_ROWS = {("bf16", "trained"), ("bf16", "continued")} | {
+    (f, m) for f in ("int4-g32", "mxfp4") for m in ("ptq", "qat")}
+
+
+def _gguf_types(path) -> dict:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.slow
+def test_demo_llama_cpp_column(ci_run):
+    """The llama.cpp column of the --ci run: the BF16 GGUF's loss equals transformers' BF16 loss
+    and the Q4_0 / MXFP4 losses the INT4 g32 / MXFP4 export losses (tolerances: llama.cpp's own
+    arithmetic, bf16 activations for BF16 weights and Q8_0 activations for 4-bit weights; its
+    mean |Δ logprob| against fp32 is <= 8.1e-4 in tests/test_gguf.py, measured here: |Δ loss| <=
+    3e-4), per window the two engines see the same quantization effect, every Δ has its
+    interval, and every file holds the types it should."""
+    from int4_qat.demo.compare import REFERENCE
+    from int4_qat.demo.stats import paired_delta
+
+    out, stdout, js = ci_run
+    rows = {(r["format"], r["method"]): r for r in js["rows"]}
+    assert {k for k, r in rows.items() if "llama.cpp" in r["extra"]} == LLAMA_ROWS
+    boot = js["meta"]["bootstrap"]
+    for f, m in sorted(LLAMA_ROWS):
+        r, col = rows[(f, m)], rows[(f, m)]["extra"]["llama.cpp"]
+        wl = torch.tensor(col["window_losses"], dtype=torch.float64)
+        assert wl.shape == (64,) and float(wl.mean()) == pytest.approx(col["loss"], abs=1e-12)
+        assert abs(col["loss"] - r["eval_loss"]) < (1e-3 if f == "bf16" else 2e-3), (f, m, col["loss"], r["eval_loss"])
+        if f == "bf16":
+            assert "delta" not in col
+            continue
+        ref = rows[("bf16", REFERENCE[m])]
+        ref_wl = torch.tensor(ref["extra"]["llama.cpp"]["window_losses"], dtype=torch.float64)
+        iv = paired_delta(wl, ref_wl, resamples=boot["resamples"], seed=boot["seed"])
+        assert (col["delta"], col["delta_lo"], col["delta_hi"]) == pytest.approx((iv.value, iv.lo, iv.hi))
+        assert abs(col["delta"] - r["delta_vs_bf16"]) < 1e-3
+        # per window, the quantization effect llama.cpp sees is the one transformers sees (measured
+        # 0.965-0.986): a GGUF of other weights (or of the unquantized model) would not correlate
+        hf = torch.tensor(r["window_losses"], dtype=torch.float64) - torch.tensor(ref["window_losses"], dtype=torch.float64)
+        assert float(torch.corrcoef(torch.stack([wl - ref_wl, hf]))[0, 1]) > 0.8, (f, m)
+    # the section's gap lines: the column's own intervals, the headlines' wording
+    sec = js["meta"]["sections"]["llama.cpp"]
+    md = (out / "summary.md").read_text()
+    assert len(sec["headlines"]) == 2
+    for f in ("int4-g32", "mxfp4"):
+        line = next(x for x in sec["headlines"] if x.startswith(f"llama.cpp {f}: PTQ Δ"))
+        for m in ("ptq", "qat"):
+            c = rows[(f, m)]["extra"]["llama.cpp"]
+            assert f"{c['delta']:+.4f} [{c['delta_lo']:+.4f}, {c['delta_hi']:+.4f}]" in line
+        assert line in stdout and f"- {line}" in md
+    # the files: converted from the rows' exports, with the types they should hold
+    files = {f["row"]: f for f in sec["files"]}
+    assert set(files) == {f"{f} {m}" for f, m in LLAMA_ROWS}
+    for name, f in files.items():
+        types = _gguf_types(f["path"])
+        want = {"bf16": "BF16", "int4-g32": "Q4_0", "mxfp4": "MXFP4"}[name.split()[0]]
+        assert f["ggml_type"] == want and f["path"] == str(out / "gguf" / f"{name.replace(' ', '-')}.gguf")
+        assert types["blk.0.ffn_up_exps.weight"] == want and types["blk.1.attn_q.weight"] == want  # all-linear
+        assert types["token_embd.weight"] == "BF16" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+        if want == "Q4_0":      # the export serves bf16(q*s), llama.cpp q*d: same codes and scales
+            assert 0 < f["mismatched"] and 0 < f["max_rel"] <= 2.0 ** -8
+        else:
+            assert f["exact"] and f["mismatched"] == 0
+    # the tokens/s table: BF16 vs Q4_0 vs MXFP4, positive, printed, in summary.md, plotted
+    bench = sec["tokens_per_s"]
+    assert [(d["row"], d["type"]) for d in bench] == [("bf16 trained", "BF16"), ("int4-g32 qat", "Q4_0"),
+                                                      ("mxfp4 qat", "MXFP4")]
+    for d in bench:
+        for k in ("pp", "pp_cpu", "tg", "tg_cpu", "pp_cpu_vs_ref", "tg_cpu_vs_ref"):
+            assert math.isfinite(d[k]) and d[k] > 0, (d["type"], k)
+        assert d["pp_cpu_range"][0] <= d["pp_cpu"] <= d["pp_cpu_range"][1]
+        assert d["active_weight_bytes"] < d["bytes"]
+    assert bench[0]["pp_cpu_vs_ref"] == bench[0]["tg_cpu_vs_ref"] == 1.0
+    assert bench[1]["active_weight_bytes"] < 0.45 * bench[0]["active_weight_bytes"]   # 4.5 vs 16 bits
+    head = stdout[stdout.index("llama.cpp tokens/s on this machine"):]
+    for d in bench:
+        assert re.search(rf"\n{d['row']}\s+{d['type']}\s", head), d["row"]
+    assert "llama.cpp loss" in stdout and "llama.cpp Δ [95% CI]" in stdout
+    assert "## llama.cpp" in md and "### llama.cpp tokens/s on this machine" in md
+    assert "| bf16 trained | BF16 |" in md and "no prediction for a 30 B model" in md
+    assert is_png(out / "llama_cpp_tokens_per_s.png")
+    assert js["meta"]["config"]["llama_cpp"] is True
+    assert any("llama.cpp" in k for k in js["meta"]["stage_seconds"])
+
+
+@pytest.fixture(scope="module")
+def llama_exports(tmp_path_factory):
+    """A tiny Qwen3-MoE HF checkpoint (fp32, 2-D weights x6 so that quantization bites) with its
+    INT4 g32 and MXFP4 compressed-tensors exports (all-linear), real-text eval windows, and the
+    per-window losses transformers computes for each of the three."""
+    from int4_qat.data import ByteTokenizer, pack_documents, system_corpus
+    from int4_qat.demo.evaluate import EvalSet, load_served_model, served_logits
+    from int4_qat.demo.stats import window_losses
+    from int4_qat.export import export_checkpoint
+    from int4_qat.testing import make_tiny_hf_checkpoint, rewrite_checkpoint
+
+    root = tmp_path_factory.mktemp("llama")
+    hf = make_tiny_hf_checkpoint("qwen3_moe", root / "hf" / "bf16-trained", dtype=torch.float32)
+    rewrite_checkpoint(hf, lambda n, t: 6 * t if t.ndim == 2 else t)
+    dirs = {"bf16": hf}
+    for name, kw in (("int4-g32", {"fmt": "int4", "group_size": 32}), ("mxfp4", {"fmt": "mxfp4"})):
+        dirs[name] = root / "export" / f"{name}-qat"
+        export_checkpoint(str(hf), str(dirs[name]), scope="all-linear", progress=False, **kw)
+    w = pack_documents(system_corpus(max_docs=60), ByteTokenizer(320), 33)[:12]
+    evalset = EvalSet(w[:, :-1].contiguous(), w[:, 1:].contiguous(), batch=4)
+    hf_losses = {k: window_losses(served_logits(load_served_model(d)[0], evalset).target_logprobs)
+                 for k, d in dirs.items()}
+    return root, dirs, evalset, hf_losses
+
+
+def test_llama_cpp_evaluator_runs_what_the_export_holds(llama_exports):
+    """F32 control: llama.cpp's per-window losses of the unquantized GGUF equal transformers' fp32
+    ones to fp32 noise (labels, positions, one forward per window: all right). The Q4_0 / MXFP4
+    files carry their export's quantized weights: their llama.cpp losses sit close to the export's
+    transformers losses (Q8_0 activations apart) and far from the unquantized model's."""
+    from int4_qat.demo.llama_cpp import LlamaCppEvaluator
+
+    root, dirs, evalset, hf = llama_exports
+    ev = LlamaCppEvaluator(root / "f32", float_type="f32")
+    assert [ev.accepts(f, "ptq") for f in ("bf16", "int4-g32", "mxfp4", "int4-g128", "nvfp4", "fp8-e4m3")] \
+        == [True, True, True, False, False, False]
+    ll = {k: ev.window_losses(d, evalset) for k, d in dirs.items()}
+    assert ll["bf16"].shape == (12,) and float((ll["bf16"] - hf["bf16"]).abs().max()) < 1e-5   # measured 5e-7
+    files = {os.path.basename(f.path): f for f in ev.files.values()}
+    assert set(files) == {"bf16-trained.gguf", "int4-g32-qat.gguf", "mxfp4-qat.gguf"}
+    for k, want in (("int4-g32", "Q4_0"), ("mxfp4", "MXFP4")):
+        f = files[f"{k}-qat.gguf"]
+        assert f.ggml_type == want and _gguf_types(f.path)["blk.0.attn_q.weight"] == want
+        near, far = (float((ll[k] - hf[x]).abs().mean()) for x in (k, "bf16"))
+        assert near < 0.25 * far, (k, near, far)           # measured 0.016 vs 0.11-0.14
+        # the check can fail: the unquantized file's losses are no stand-in for the export's
+        assert not float((ll["bf16"] - hf[k]).abs().mean()) < 0.25 * float((ll["bf16"] - hf["bf16"]).abs().mean())
+    assert files["mxfp4-qat.gguf"].exact and files["mxfp4-qat.gguf"].mismatched == 0
+    q4 = files["int4-g32-qat.gguf"]                      # served: bf16 (Marlin) vs llama.cpp's exact q*d
+    assert not q4.exact and 0 < q4.max_rel <= 2.0 ** -8
+    assert _gguf_types(files["bf16-trained.gguf"].path)["output.weight"] == "F32"
+    with pytest.raises(ValueError, match="model_type 'gpt_oss' is not exported to GGUF"):
+        ev.check({"model_type": "gpt_oss"})
+
+
+def test_llama_cpp_section_tokens_per_s(llama_exports):
+    """The report section: per-file table, tokens/s of BF16 vs Q4_0 vs MXFP4 (positive, ratios to
+    the first file), the honest reading of them, a PNG plot, JSON data."""
+    from int4_qat.demo.llama_cpp import LlamaCppEvaluator
+
+    root, dirs, evalset, hf = llama_exports
+    ev = LlamaCppEvaluator(root / "out", bench_rounds=2, bench_windows=4, decode_tokens=16)
+    rows = []
+    for (fmt, method), k in ((("bf16", "trained"), "bf16"), (("int4-g32", "qat"), "int4-g32"),
+                             (("mxfp4", "qat"), "mxfp4"), (("int4-g128", "qat"), None)):
+        r = Row(fmt, method, float(hf[k].mean()) if k else 3.0, export_dir=str(dirs[k]) if k else "/x",
+                checkpoint_bytes=1000)
+        if k:
+            wl = ev.window_losses(dirs[k], evalset)
+            r.extra[ev.name] = {"loss": float(wl.mean()), "window_losses": wl.tolist()}
+        rows.append(r)
+    assert ev.section([]) is not None and ev.section([]).data["tokens_per_s"] == []   # nothing to time
+    sec = ev.section(rows)
+    bench = sec.data["tokens_per_s"]
+    assert [d["type"] for d in bench] == ["BF16", "Q4_0", "MXFP4"]
+    assert all(d[k] > 0 for d in bench for k in ("pp", "pp_cpu", "tg", "tg_cpu"))
+    assert bench[0]["pp_cpu_vs_ref"] == 1.0 and bench[0]["pp_tokens"] == evalset.tokens.shape[1] and bench[0]["pp_windows"] == 4
+    assert [f["row"] for f in sec.data["files"]] == ["bf16 trained", "int4-g32 qat", "mxfp4 qat"]
+    assert sec.data["files"][1]["llama_cpp_loss"] == pytest.approx(rows[1].extra[ev.name]["loss"])
+    for text in (sec.text, sec.markdown):
+        assert "prompt tok/CPU-s" in text and "decode × BF16" in text and "Q4_0" in text
+    assert "fewer bytes" in sec.markdown and "no prediction for a 30 B model" in sec.markdown
+    # the reading of the ratios follows the numbers: decode gaining ~nothing of the byte ratio
+    # (the demo's model), all of it (memory-bound), or part of it
+    from int4_qat.demo.llama_cpp import _honesty
+
+    fake = [dict(bench[0], active_weight_bytes=700_000, tg_cpu=16_000.0, tg_cpu_vs_ref=1.0, pp_cpu_vs_ref=1.0),
+            dict(bench[1], active_weight_bytes=260_000, tg_cpu_vs_ref=1.15, pp_cpu_vs_ref=1.0)]
+    assert "4-bit weights barely change it" in _honesty(fake) and "2.7× fewer bytes" in _honesty(fake)
+    fake[1]["tg_cpu_vs_ref"] = 2.5
+    assert "decode follows the weight bytes" in _honesty(fake)
+    fake[1]["tg_cpu_vs_ref"] = 1.8
+    assert "gains part of the byte ratio" in _honesty(fake)
+    assert is_png(sec.plots["llama_cpp_tokens_per_s.png"])
+    paths = write_report(root / "out", rows, [Curve("bf16", [1, 2], [3.0, 2.9])], {}, sections=[sec])
+    assert paths["llama_cpp_tokens_per_s.png"] == sec.plots["llama_cpp_tokens_per_s.png"]
+    js = json.loads(paths["summary.json"].read_text())
+    assert js["meta"]["sections"]["llama.cpp"]["tokens_per_s"][1]["type"] == "Q4_0"
+    assert "### llama.cpp tokens/s on this machine" in paths["summary.md"].read_text()
+
+
+def test_llama_cpp_flag_and_check_hook(tmp_path, monkeypatch):
+    """--no-llama-cpp reaches the config; without llama-cpp-python the config says how to go on;
+    an evaluator's check hook refuses before anything is trained."""
+    import importlib.util
+
+    from int4_qat.demo import DemoConfig
+    from int4_qat.demo.pipeline import _Demo
+
+    spec = importlib.util.spec_from_file_location("demo_cli", os.path.join(REPO, "tools", "demo.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.config_from_args(cli.parse_args(["--no-llama-cpp"])).llama_cpp is False
+    assert cli.config_from_args(cli.parse_args(["--ci"])).llama_cpp is True
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
+    with pytest.raises(ValueError, match="llama-cpp-python is not installed .* pass --no-llama-cpp"):
+        DemoConfig()
+    assert DemoConfig(llama_cpp=False).to_dict()["llama_cpp"] is False
+    monkeypatch.undo()
+
+    class Refuses:
+        name = "never"
+
+        def check(self, config):
+            raise ValueError(f"cannot serve {config['model_type']}")
+
+    with pytest.raises(ValueError, match="cannot serve qwen3_moe"):
+        _Demo(DemoConfig(out=tmp_path, llama_cpp=False), lambda s: None, [Refuses()]).stage_train()
+    assert not (tmp_path / "train").exists()
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""The whole int4-qat pipeline on one CPU: BF16 → PTQ vs QAT (INT4 g32/g128, MXFP4, NVFP4) → export → reload.
+"""The whole int4-qat pipeline on one CPU: BF16 → PTQ vs QAT (INT4 g32/g128, MXFP4, NVFP4) → export → reload → llama.cpp.
 
     make demo                                   # == .venv/bin/python tools/demo.py
     make demo DEMO_ARGS="--steps 2400 --qat-steps 300 --scope experts"
     .venv/bin/python tools/demo.py --ci --out /tmp/demo   # the reduced configuration of the tests
 
 Writes OUT/summary.md, OUT/summary.json, OUT/loss_curves.png, OUT/eval_loss.png,
-OUT/checkpoint_size.png, the exports under OUT/export/ and prints the table. See int4_qat/demo/.
+OUT/checkpoint_size.png, OUT/llama_cpp_tokens_per_s.png, the exports under OUT/export/ (GGUF files
+under OUT/gguf/) and prints the table. See int4_qat/demo/.
 """
 import argparse
 import os
@@ -41,11 +42,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--formats", help="comma list of int4-g32,int4-g128,mxfp4,nvfp4 (default all)")
     p.add_argument("--scope", choices=["experts", "all-linear"], help="quantized weights (default all-linear)")
     p.add_argument("--no-baselines", action="store_true", help="skip the ModelOpt AWQ / FP8 rows")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp column (GGUF "
+                   "exports of the BF16 / INT4 g32 / MXFP4 rows run in llama.cpp) and its tokens/s table")
     p.add_argument("--seed", type=int, help="seed (default 1234)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default 1: tiny matmuls, shared CPU)")
     p.add_argument("--verbose", action="store_true", help="keep library warnings and progress bars")
     add_debug_flag(p)
     return p.parse_args(argv)
+
+
+def config_from_args(a: argparse.Namespace):
+    """The validated ``DemoConfig`` of the parsed flags (``ValueError`` naming the flag)."""
+    from int4_qat.demo import DemoConfig, ci_config
+
+    kw = {k: v for k, v in vars(a).items()
+          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "no_llama_cpp",
+                                         "verbose", "debug")}
+    if a.formats:
+        kw["formats"] = tuple(f.strip() for f in a.formats.split(",") if f.strip())
+    if a.no_baselines:
+        kw["baselines"] = False
+    if a.no_llama_cpp:
+        kw["llama_cpp"] = False
+    return ci_config(a.out, **kw) if a.ci else DemoConfig(out=a.out, **kw)
 
 
 @cli_main("demo")
@@ -60,21 +79,18 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from int4_qat.demo import DemoConfig, ci_config, run_demo
+    from int4_qat.demo import run_demo
 
-    kw = {k: v for k, v in vars(a).items()
-          if v is not None and k not in ("ci", "out", "formats", "no_baselines", "verbose", "debug")}
-    if a.formats:
-        kw["formats"] = tuple(f.strip() for f in a.formats.split(",") if f.strip())
-    if a.no_baselines:
-        kw["baselines"] = False
-    cfg = ci_config(a.out, **kw) if a.ci else DemoConfig(out=a.out, **kw)   # ValueError -> exit 2
+    cfg = config_from_args(a)   # ValueError -> one line, exit 2 (int4_qat.cli)
     t0 = time.perf_counter()
     res = run_demo(cfg)
     print()
     print(res.table)
     for h in res.headlines:
         print(f"  - {h}")
+    for sec in res.sections:
+        if sec.text:
+            print(f"\n{sec.text}")
     print(f"\n* = training-side model (no export). Wall time {time.perf_counter() - t0:.0f} s "
           f"(CPU {time.process_time():.0f} s). "
           f"Report: {res.paths['summary.md']}")

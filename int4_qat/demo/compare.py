@@ -25,7 +25,7 @@ from typing import Sequence
 from int4_qat.demo.report import Row
 from int4_qat.demo.stats import RESAMPLES, Interval, gap_closed, paired_delta
 
-__all__ = ["REFERENCE", "Gap", "assign_deltas", "gaps", "headlines", "delta_interval"]
+__all__ = ["REFERENCE", "Gap", "assign_deltas", "gaps", "gap_line", "headlines", "delta_interval"]
 
 #: method -> the ``bf16`` row it is compared with.
 REFERENCE = {"ptq": "trained", "awq": "trained", "qat": "continued"}
@@ -48,8 +48,14 @@ def _reference(rows: Sequence[Row], r: Row) -> Row | None:
     return next((x for x in rows if x.format == "bf16" and x.method == want), None)
 
 
-def delta_interval(r: Row) -> Interval | None:
-    """The row's Δ vs its BF16 reference as an :class:`Interval` (after :func:`assign_deltas`)."""
+def delta_interval(r: Row, extra: str | None = None) -> Interval | None:
+    """The row's Δ vs its BF16 reference as an :class:`Interval` (after :func:`assign_deltas`);
+    ``extra``: that extra evaluator column's Δ instead."""
+    if extra is not None:
+        c = r.extra.get(extra, {})
+        if c.get("delta_lo") is None or c.get("delta_hi") is None:
+            return None
+        return Interval(c["delta"], c["delta_lo"], c["delta_hi"])
     if r.delta_vs_bf16 is None or r.delta_lo is None or r.delta_hi is None:
         return None
     return Interval(r.delta_vs_bf16, r.delta_lo, r.delta_hi)
@@ -77,19 +83,25 @@ def assign_deltas(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int 
             col.update(delta=iv.value, delta_lo=iv.lo, delta_hi=iv.hi)
 
 
-def gaps(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int = 0) -> list[Gap]:
+def gaps(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int = 0,
+         extra: str | None = None) -> list[Gap]:
     """Per format with a PTQ and a QAT row with intervals (after :func:`assign_deltas`, same
-    ``resamples`` / ``seed``): both gaps and the gap-closure interval."""
+    ``resamples`` / ``seed``): both gaps and the gap-closure interval; ``extra``: measured by that
+    extra evaluator column (its per-window losses on the four rows) instead."""
+    def losses(r: Row):
+        return r.window_losses if extra is None else r.extra[extra]["window_losses"]
+
     by = {(r.format, r.method): r for r in rows}
     trained, cont = by.get(("bf16", "trained")), by.get(("bf16", "continued"))
     out = []
     for f in dict.fromkeys(r.format for r in rows):
         p, q = by.get((f, "ptq")), by.get((f, "qat"))
-        if None in (p, q, trained, cont) or delta_interval(p) is None or delta_interval(q) is None:
+        if None in (p, q, trained, cont) or delta_interval(p, extra) is None \
+                or delta_interval(q, extra) is None:
             continue
-        out.append(Gap(f, delta_interval(p), delta_interval(q),
-                       gap_closed(p.window_losses, trained.window_losses, q.window_losses,
-                                  cont.window_losses, resamples=resamples, seed=seed)))
+        out.append(Gap(f, delta_interval(p, extra), delta_interval(q, extra),
+                       gap_closed(losses(p), losses(trained), losses(q), losses(cont),
+                                  resamples=resamples, seed=seed)))
     return out
 
 
@@ -97,7 +109,7 @@ def _state(iv: Interval) -> str:
     return "significant" if iv.significant else "within noise: interval covers 0"
 
 
-def _gap_line(g: Gap) -> str:
+def gap_line(g: Gap) -> str:
     line = (f"{g.format}: PTQ Δ {g.ptq.fmt()} nats ({_state(g.ptq)}), "
             f"QAT Δ {g.qat.fmt()} ({_state(g.qat)})")
     if not g.ptq.lo > 0.0:      # covers 0 (or PTQ significantly *better*): nothing to close
@@ -115,7 +127,7 @@ def headlines(rows: Sequence[Row], *, resamples: int = RESAMPLES, seed: int = 0)
     mismatch."""
     out, covered = [], set()
     for g in gaps(rows, resamples=resamples, seed=seed):
-        out.append(_gap_line(g))
+        out.append(gap_line(g))
         covered.add(g.format)
     for r in rows:
         iv = delta_interval(r)

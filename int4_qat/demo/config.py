@@ -7,6 +7,7 @@ with a ``ValueError`` that names the command-line flag.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -52,6 +53,7 @@ class DemoConfig:
     formats: tuple[str, ...] = tuple(VARIANTS)
     scope: str = "all-linear"     # experts-only: ~60 % of the PTQ gap (README "The demo")
     baselines: bool = True        # ModelOpt INT4 AWQ and FP8 rows
+    llama_cpp: bool = True        # the llama.cpp column + tokens/s table (int4_qat.demo.llama_cpp)
     calib_batches: int = 8
     seed: int = 1234
     threads: int = 1
@@ -92,6 +94,9 @@ class DemoConfig:
                 raise ValueError(f"--moe-intermediate {inter}: {name} needs it % {need_i} == 0")
         if self.scope not in ("experts", "all-linear"):
             raise ValueError(f"--scope {self.scope!r}: choose experts or all-linear")
+        if self.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+            raise ValueError("llama-cpp-python is not installed (make install builds it, "
+                             "requirements.txt pins it); install it or pass --no-llama-cpp")
 
     @property
     def qat_tokens(self) -> int:

@@ -15,12 +15,17 @@ bf16 activations (the demo separately runs the export in bf16 to show that effec
 Loss = mean next-token cross entropy (nats) over every eval token. The train-infer mismatch uses
 the exporter's own metric (``int4_qat.export.consistency.compare_logits``) on both sides' logits.
 
-**Extra evaluators** (the seam for further consumers of the exports, e.g. llama.cpp serving a
-GGUF conversion): an object with a ``name`` (its table column), ``accepts(format, method)`` and
-``window_losses(export_dir, evalset) -> [n]`` per-window mean next-token losses (nats) on the
-same eval windows. :func:`int4_qat.demo.run_demo` takes a list of them; each result lands in
-``Row.extra[name]`` and the report adds a ``<name> loss`` / ``<name> Δ [95% CI]`` column pair,
-the Δ paired against the same evaluator's loss on the BF16 reference row (when it accepts it).
+**Extra evaluators** (the seam for further consumers of the exports; llama.cpp serving a GGUF
+conversion is one: :mod:`int4_qat.demo.llama_cpp`): an object with a ``name`` (its table
+column), ``accepts(format, method)`` and ``window_losses(export_dir, evalset) -> [n]`` per-window
+mean next-token losses (nats) on the same eval windows; ``export_dir`` is what transformers
+reloads (the compressed-tensors export, or the HF checkpoint of a BF16 row).
+:func:`int4_qat.demo.run_demo` takes a list of them; each result lands in ``Row.extra[name]`` and
+the report adds a ``<name> loss`` / ``<name> Δ [95% CI]`` column pair, the Δ paired against the
+same evaluator's loss on the BF16 reference row (when it accepts it). Two optional hooks:
+``check(model_config: dict)`` runs before any training (raise ``ValueError`` to refuse a model
+the evaluator cannot run), ``section(rows) -> report.ExtraSection | None`` after the last row
+(its own part of ``summary.md`` / ``summary.json`` / the terminal, e.g. a benchmark).
 """
 from __future__ import annotations
 
@@ -108,6 +113,10 @@ class ExtraEvaluator(Protocol):
     def window_losses(self, export_dir: Path, evalset: EvalSet) -> torch.Tensor:
         """Per-window mean next-token loss ``[n]`` in nats on ``evalset`` (same order)."""
         ...
+
+    # optional (the pipeline calls them when present; module docstring):
+    # def check(self, model_config: dict) -> None
+    # def section(self, rows: list[Row]) -> ExtraSection | None
 
 
 def logit_stats(logits: torch.Tensor, labels: torch.Tensor) -> LogitStats:

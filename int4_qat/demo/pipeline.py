@@ -21,7 +21,11 @@ Stages (every number in the table is measured by this file's code, nothing is co
    INT4 / MXFP4 / NVFP4, reloaded with transformers + compressed-tensors, and evaluated there.
 5. **Train-infer mismatch**: training-side fake-quant forward (Megatron + ModelOpt) vs the reloaded
    export on the same eval tokens: mean/max |Δ logprob| and KL (:mod:`int4_qat.demo.evaluate`).
-6. **Report**: every Δ vs BF16 with a paired bootstrap interval over the eval windows
+6. **llama.cpp** (``cfg.llama_cpp``, on by default; :mod:`int4_qat.demo.llama_cpp`): the BF16,
+   INT4 g32 and MXFP4 exports converted to GGUF from the same source and scheme and run by
+   llama.cpp on the eval windows (an extra evaluator column), then a tokens/s table BF16 vs Q4_0
+   vs MXFP4 (its report section).
+7. **Report**: every Δ vs BF16 with a paired bootstrap interval over the eval windows
    (:mod:`int4_qat.demo.compare`, :mod:`int4_qat.demo.stats`); ``summary.md`` / ``summary.json``
    / PNG plots (:mod:`int4_qat.demo.report`).
 """
@@ -29,17 +33,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from int4_qat.demo.config import VARIANTS, DemoConfig, build_recipe, write_model_config
-from int4_qat.demo.report import Curve, Row
+from int4_qat.demo.report import Curve, ExtraSection, Row
 
 __all__ = ["DemoResult", "run_demo", "BF16_MISMATCH_WINDOWS"]
 
@@ -55,6 +60,7 @@ class DemoResult:
     meta: dict[str, Any]
     table: str
     headlines: list[str]
+    sections: list[ExtraSection] = field(default_factory=list)   # extra evaluators' own sections
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -235,6 +241,10 @@ class _Demo:
     def stage_train(self) -> None:
         cfg = self.cfg
         self.model_dir = write_model_config(cfg, cfg.out / "model")
+        config = json.loads((self.model_dir / "config.json").read_text())
+        for ev in self.extra_evaluators:     # optional hook: refuse before anything is trained
+            if hasattr(ev, "check"):
+                ev.check(config)
         with self.clock.stage("1. train BF16 (fp32 master weights, Megatron-Core on CPU)"):
             tr = self.trainer("bf16", None, lr=cfg.lr, steps=cfg.steps)
             self.arch = tr.arch
@@ -315,6 +325,13 @@ class _Demo:
         order = {"bf16": 0, **{f: i + 1 for i, f in enumerate(VARIANTS)}, "int4-awq": 9, "fp8-e4m3": 10}
         morder = {"trained": 0, "continued": 1, "ptq": 2, "awq": 3, "qat": 4}
         self.rows.sort(key=lambda r: (order.get(r.format, 99), morder.get(r.method, 9)))
+        sections = []
+        for ev in self.extra_evaluators:     # optional hook: the evaluator's own report section
+            if hasattr(ev, "section"):
+                with self.clock.stage(f"5. {ev.name}: report section (tokens/s)"):
+                    sec = ev.section(self.rows)
+                if sec is not None:
+                    sections.append(sec)
         wall = time.perf_counter() - self.clock.t0
         cfg = self.cfg
         meta = {"title": f"PTQ vs QAT on a tiny Qwen3-MoE ({cfg.layers} layers, hidden {cfg.hidden}, "
@@ -332,13 +349,14 @@ class _Demo:
                 "cpu_time_s": round(time.process_time() - self.clock.c0, 1),
                 "versions": _versions()}
         heads = headlines(self.rows, **boot)
-        paths = write_report(cfg.out, self.rows, self.curves, meta, heads)
-        return DemoResult(self.rows, self.curves, paths, meta, format_table(self.rows), heads)
+        paths = write_report(cfg.out, self.rows, self.curves, meta, heads, sections)
+        return DemoResult(self.rows, self.curves, paths, meta, format_table(self.rows), heads, sections)
 
 
 def _versions() -> dict[str, str]:
     out = {}
-    for mod in ("torch", "megatron.core", "modelopt", "compressed_tensors", "transformers"):
+    for mod in ("torch", "megatron.core", "modelopt", "compressed_tensors", "transformers", "gguf",
+                "llama_cpp"):
         try:
             m = __import__(mod, fromlist=["__version__"])
             out[mod] = getattr(m, "__version__", "?")
@@ -351,8 +369,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print,
              extra_evaluators: Sequence = ()) -> DemoResult:
     """Run every stage (see the module docstring) and write the report into ``cfg.out``.
     ``extra_evaluators``: :class:`int4_qat.demo.evaluate.ExtraEvaluator` objects, one table
-    column each (run on every exported checkpoint they accept)."""
+    column each (run on every exported checkpoint they accept); ``cfg.llama_cpp`` appends the
+    llama.cpp one (:class:`int4_qat.demo.llama_cpp.LlamaCppEvaluator`)."""
     torch.set_num_threads(cfg.threads)
+    extra_evaluators = list(extra_evaluators)
+    if cfg.llama_cpp:
+        from int4_qat.demo.llama_cpp import LlamaCppEvaluator
+
+        extra_evaluators.append(LlamaCppEvaluator(
+            cfg.out, threads=cfg.threads,
+            bootstrap={"resamples": cfg.bootstrap_resamples, "seed": cfg.seed}))
     import torch.distributed as dist
 
     if not dist.is_initialized() and "RANK" not in os.environ:

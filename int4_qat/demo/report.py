@@ -21,7 +21,8 @@ export: mean / max |Δ logprob| of the target tokens and the mean KL(train || se
 vocabulary, with the export computing in fp32 (isolates the checkpoint) and, last column, the mean
 |Δ logprob| when the export computes in bf16 as a server would (adds bf16 activation rounding).
 Extra evaluators (``Row.extra``, :class:`int4_qat.demo.evaluate.ExtraEvaluator`) add a loss and a
-Δ column each.
+Δ column each, and may add a section of their own (:class:`ExtraSection`: markdown after the plots,
+text under the terminal table, data in ``summary.json`` ``meta.sections``, their PNGs).
 
 Plots use matplotlib's Agg backend (no display needed): ``loss_curves.png`` (training loss per step
 of the BF16 run and of every QAT continuation, PTQ eval losses as dashed levels),
@@ -50,6 +51,8 @@ __all__ = [
     "write_report",
     "is_png",
     "extra_columns",
+    "text_table",
+    "ExtraSection",
 ]
 
 #: First 8 bytes of every PNG file (PNG spec, section 5.2).
@@ -114,6 +117,20 @@ class Curve:
                              f"{len(self.losses)} losses")
 
 
+@dataclass
+class ExtraSection:
+    """A report section contributed by an extra evaluator (its optional ``section(rows)`` hook,
+    :class:`int4_qat.demo.evaluate.ExtraEvaluator`): ``markdown`` goes into ``summary.md``,
+    ``text`` is printed under the table, ``data`` lands in ``summary.json`` under
+    ``meta.sections[name]``, ``plots`` are PNG files it wrote into the output directory."""
+
+    name: str
+    markdown: str
+    text: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, Path] = field(default_factory=dict)
+
+
 # ------------------------------------------------------------------------------------ table
 _COLUMNS = ("format", "method", "eval loss", "Δ vs BF16 [95% CI]", "signif.", "ppl", "ckpt bytes",
             "mean|Δlogp|", "max|Δlogp|", "KL", "mean|Δlogp| bf16")
@@ -153,31 +170,41 @@ def _cells(r: Row, extra: Sequence[str]) -> list[str]:
     return out
 
 
-def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """The summary table as aligned plain text (terminal) or as a GitHub markdown table; one
-    ``<name> loss`` / ``<name> Δ`` column pair per extra evaluator."""
-    extra = extra_columns(rows)
-    heads = list(_COLUMNS) + [h for n in extra for h in (f"{n} loss", f"{n} Δ [95% CI]")]
-    body = [_cells(r, extra) for r in rows]
+def text_table(heads: Sequence[str], body: Sequence[Sequence[str]], markdown: bool = False,
+               left: int = 2) -> str:
+    """Cells as aligned plain text (terminal) or a GitHub markdown table; the first ``left``
+    columns are left-aligned (labels), the others right-aligned (numbers)."""
     if markdown:
         esc = [h.replace("|", "\\|") for h in heads]     # a bare | would split the cell
         lines = ["| " + " | ".join(esc) + " |",
-                 "|" + "|".join("---" if i < 2 else "---:" for i in range(len(heads))) + "|"]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
+                 "|" + "|".join("---" if i < left else "---:" for i in range(len(heads))) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(c[i]) for c in body)) if body else len(h)
               for i, h in enumerate(heads)]
+
     def line(cells):
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(heads), "  ".join("-" * w for w in widths)]
     out += [line(c) for c in body]
     return "\n".join(out)
 
 
+def format_table(rows: Sequence[Row], markdown: bool = False) -> str:
+    """The summary table as aligned plain text (terminal) or as a GitHub markdown table; one
+    ``<name> loss`` / ``<name> Δ`` column pair per extra evaluator."""
+    extra = extra_columns(rows)
+    heads = list(_COLUMNS) + [h for n in extra for h in (f"{n} loss", f"{n} Δ [95% CI]")]
+    return text_table(heads, [_cells(r, extra) for r in rows], markdown)
+
+
 def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[str, Any],
-                  curves: Sequence[Curve] = (), headlines: Sequence[str] = ()) -> tuple[Path, Path]:
+                  curves: Sequence[Curve] = (), headlines: Sequence[str] = (),
+                  sections: Sequence[ExtraSection] = ()) -> tuple[Path, Path]:
     """Write ``summary.md`` and ``summary.json`` into ``out_dir``; returns both paths.
-    ``headlines``: the summary lines (:func:`int4_qat.demo.compare.headlines`)."""
+    ``headlines``: the summary lines (:func:`int4_qat.demo.compare.headlines`); ``sections``:
+    the extra evaluators' own sections, after the plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# int4-qat demo — {meta.get('title', 'PTQ vs QAT on a tiny Qwen3-MoE')}", ""]
@@ -198,7 +225,11 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
            "near-tie (two router probabilities within ~1e-8) that the two fp32 forwards resolve "
            "differently. ckpt bytes: safetensors payload with every "
            "unquantized tensor counted at 2 bytes (bf16, as served); the demo writes them in fp32 "
-           "so that the reload reproduces the fp32 training-side forward exactly.", ""]
+           "so that the reload reproduces the fp32 training-side forward exactly."
+           + ("" if not extra_columns(rows) else
+              " `<name> loss` / `<name> Δ` columns: an extra evaluator of the same exports, its Δ "
+              "paired against the same evaluator on the BF16 reference row (see its section below)."),
+           ""]
     if headlines:
         md += ["Headlines (computed from the table):", *[f"- {h}" for h in headlines], ""]
     notes = [f"- {r.format} / {r.method}: {r.note}" for r in rows if r.note]
@@ -206,11 +237,15 @@ def write_summary(out_dir: str | os.PathLike, rows: Sequence[Row], meta: dict[st
         md += ["Notes:", *notes, ""]
     md += ["![loss curves](loss_curves.png)", "", "![eval loss](eval_loss.png)", "",
            "![checkpoint size](checkpoint_size.png)", ""]
+    for sec in sections:
+        md += [sec.markdown.rstrip(), ""]
     for k in ("wall_time_s", "cpu_time_s", "stage_seconds", "stage_cpu_seconds"):
         if k in meta:
             md.append(f"- {k}: {json.dumps(meta[k])}")
     md_path = out / "summary.md"
     md_path.write_text("\n".join(md) + "\n")
+    if sections:
+        meta = {**meta, "sections": {sec.name: sec.data for sec in sections}}
     js = {"meta": meta, "headlines": list(headlines), "rows": [r.to_dict() for r in rows],
           "curves": [asdict(c) for c in curves]}
     js_path = out / "summary.json"
@@ -407,15 +442,19 @@ def is_png(path: str | os.PathLike) -> bool:
 
 
 def write_report(out_dir: str | os.PathLike, rows: Sequence[Row], curves: Sequence[Curve],
-                 meta: dict[str, Any], headlines: Sequence[str] = ()) -> dict[str, Path]:
-    """Everything at once: summary.md/json and the three plots; returns the written paths."""
+                 meta: dict[str, Any], headlines: Sequence[str] = (),
+                 sections: Sequence[ExtraSection] = ()) -> dict[str, Path]:
+    """Everything at once: summary.md/json and the three plots (plus the sections' plots, which
+    their evaluators wrote); returns the written paths."""
     out = Path(out_dir)
-    md, js = write_summary(out, rows, meta, curves, headlines)
+    md, js = write_summary(out, rows, meta, curves, headlines, sections)
     ptq = {r.format: r.eval_loss for r in rows if r.method == "ptq"}
     paths = {"summary.md": md, "summary.json": js,
              "loss_curves.png": plot_loss_curves(out / "loss_curves.png", curves, ptq),
              "eval_loss.png": plot_eval_bars(out / "eval_loss.png", rows),
              "checkpoint_size.png": plot_checkpoint_sizes(out / "checkpoint_size.png", rows)}
+    for sec in sections:
+        paths.update(sec.plots)
     return paths
 
 

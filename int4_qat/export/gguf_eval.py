@@ -18,6 +18,12 @@ isolate the weights' arithmetic.
     r.logits                          # float32 [B, S, V]
     r.tokens_per_s                    # prompt-processing throughput of this run
     m.decode_tokens_per_s(prompt, 32) # greedy single-token decoding throughput
+    m.decode(prompt, 32)              # the same, as a GGUFEval (logits None) with wall + CPU seconds
+
+Timing: ``seconds`` is wall time spent in ``llama_decode``, ``cpu_seconds`` the process CPU time
+(all threads) over the same calls; on a shared machine the latter is the steadier estimate of the
+wall time on a quiet one (with ``n_threads=1`` they are equal there; ggml's worker threads spin
+while they wait, so with more threads it counts about ``n_threads`` times the wall time).
 """
 from __future__ import annotations
 
@@ -35,13 +41,18 @@ _GGML_TYPE_F32 = 0  # ggml.h enum ggml_type
 
 @dataclass
 class GGUFEval:
-    logits: torch.Tensor   # float32 [B, S, V]
-    seconds: float         # wall time spent in llama_decode
+    logits: torch.Tensor | None   # float32 [B, S, V] (None for decode)
+    seconds: float                # wall time spent in llama_decode
     tokens: int
+    cpu_seconds: float = 0.0      # process CPU time over the same calls (module docstring)
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_seconds if self.cpu_seconds > 0 else float("inf")
 
 
 class GGUFModel:
@@ -76,27 +87,33 @@ class GGUFModel:
                              f"{int(tokens.max())}]")
         b, s = tokens.shape
         out = np.empty((b, s, self.n_vocab), dtype=np.float32)
-        seconds = 0.0
+        seconds = cpu = 0.0
         for i, row in enumerate(tokens.tolist()):
             self.llm.reset()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             self.llm.eval(row)
             seconds += time.perf_counter() - t0
+            cpu += time.process_time() - c0
             out[i] = self.llm.scores[:s]
-        return GGUFEval(torch.from_numpy(out), seconds, b * s)
+        return GGUFEval(torch.from_numpy(out), seconds, b * s, cpu)
 
-    def decode_tokens_per_s(self, prompt: list[int], n: int) -> float:
-        """Greedy decoding of ``n`` tokens after ``prompt``, one ``llama_decode`` per token."""
+    def decode(self, prompt: list[int], n: int) -> GGUFEval:
+        """Greedy decoding of ``n`` tokens after ``prompt``, one ``llama_decode`` per token; the
+        timing covers the ``n`` decoding calls only (logits None)."""
         if len(prompt) + n > self.n_ctx:
             raise ValueError(f"prompt ({len(prompt)}) + n ({n}) exceeds n_ctx={self.n_ctx}")
         self.llm.reset()
         self.llm.eval(prompt)
         tok = int(np.argmax(self.llm.scores[len(prompt) - 1]))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             self.llm.eval([tok])
             tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-        return n / (time.perf_counter() - t0)
+        return GGUFEval(None, time.perf_counter() - t0, n, time.process_time() - c0)
+
+    def decode_tokens_per_s(self, prompt: list[int], n: int) -> float:
+        """Greedy decoding throughput (wall) of :meth:`decode`."""
+        return self.decode(prompt, n).tokens_per_s
 
     def close(self) -> None:
         self.llm.close()
