@@ -50,7 +50,10 @@ bench: $(STAMP) ## benchmarks under bench/ (ratios measured side by side)
 	$(PY) bench/bench_fake_quant.py
 	$(PY) bench/bench_export.py
 	$(PY) bench/bench_qat_step.py
+	$(PY) bench/bench_qat_overhead.py
+	$(PY) bench/bench_export_ckpt.py
 	$(PY) bench/bench_checksums.py
+	$(PY) bench/bench_llama_cpp.py
 
 check-recipes: $(STAMP) ## validate every recipes/*.yaml (schema, layout, group/shard, Marlin limits) and build each at its layout on meta tensors
 	$(PY) tools/launch.py check recipes/*.yaml
