@@ -14,7 +14,7 @@ export DRY_RUN
 ALIASES := qwen3-235b:qwen3-235b-a22b-int4 qwen3-30b:qwen3-30b-a3b-int4 kimi-k2:kimi-k2-int4 gpt-oss-120b:gpt-oss-120b-mxfp4
 resolve = $(or $(patsubst $(1):%,%,$(filter $(1):%,$(ALIASES))),$(1))
 
-.PHONY: help install test test-fast demo check-recipes bench gpu-check clean
+.PHONY: help install lint test test-fast demo check-recipes bench gpu-check clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
@@ -37,7 +37,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP) ## create .venv/ and install the pinned requirements (GPU extras: requirements-gpu.txt)
 
-test: $(STAMP) ## run the whole test suite (CPU; gloo multi-process tests included)
+lint: $(STAMP) ## ruff (pycodestyle, pyflakes, bugbear; settings in pyproject.toml)
+	$(VENV)/bin/ruff check .
+
+test: lint ## lint, then run the whole test suite (CPU; gloo multi-process tests included)
 	OMP_NUM_THREADS=2 $(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## unit tests only (skips slow and multi-process tests)

@@ -109,8 +109,20 @@ def child(args) -> None:
 
 def _run(method: str, src: str, dst: str, args, report: str) -> list[dict]:
     me = os.path.abspath(__file__)
-    common = ["--child", "export" if method == "export2" else method, "--src", src, "--dst", dst, "--report", report, "--format", args.format,
-              "--shard-bytes", str(args.shard_bytes)]
+    common = [
+        "--child",
+        "export" if method == "export2" else method,
+        "--src",
+        src,
+        "--dst",
+        dst,
+        "--report",
+        report,
+        "--format",
+        args.format,
+        "--shard-bytes",
+        str(args.shard_bytes),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if method == "export2":
         import socket
@@ -118,8 +130,19 @@ def _run(method: str, src: str, dst: str, args, report: str) -> list[dict]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-               "127.0.0.1", "--master-port", str(port), me, *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            me,
+            *common,
+        ]
     else:
         cmd = [sys.executable, me, *common]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -151,8 +174,22 @@ def main() -> None:
         try:
             src = os.path.join(work, "ckpt")
             layers = _layers_for(size)
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "make", "--src", src,
-                                "--layers", str(layers), "--format", args.format], capture_output=True, text=True)
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "--child",
+                    "make",
+                    "--src",
+                    src,
+                    "--layers",
+                    str(layers),
+                    "--format",
+                    args.format,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if p.returncode:
                 raise RuntimeError(p.stderr[-3000:])
             it = os.path.join(src, "iter_0000001")
@@ -169,15 +206,24 @@ def main() -> None:
             print(f"{model_bytes / 1e9:.2f} GB ({layers} layers) done", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"\nformat {args.format}; largest tensor {largest / 1e6:.0f} MB (embedding / lm_head, BF16); "
-          f"{args.rounds} interleaved rounds, best of each")
-    print(f"{'model GB':>8} {'method':<10} {'time s':>7} {'GB/s':>6} {'vs copy':>8} {'peak RSS GB/proc':>17} "
-          f"{'imports GB':>11} {'(peak-imports)/largest':>23} {'planner GB/proc':>16}")
+    print(
+        f"\nformat {args.format}; largest tensor {largest / 1e6:.0f} MB (embedding / lm_head, BF16); "
+        f"{args.rounds} interleaved rounds, best of each"
+    )
+    print(
+        f"{'model GB':>8} {'method':<10} {'time s':>7} {'GB/s':>6} {'vs copy':>8} {'peak RSS GB/proc':>17} "
+        f"{'imports GB':>11} {'(peak-imports)/largest':>23} {'planner GB/proc':>16}"
+    )
     from int4_qat.planner import arch_shape, export_plan
 
-    for size, layers, mb, best in rows:
-        est = export_plan(arch_shape(_config(layers)), args.format, 128 if args.format == "int4" else
-                          (32 if args.format == "mxfp4" else 16), "experts", optimizer_entries=0)["ram_per_process_gb"]
+    for _size, layers, mb, best in rows:
+        est = export_plan(
+            arch_shape(_config(layers)),
+            args.format,
+            128 if args.format == "int4" else (32 if args.format == "mxfp4" else 16),
+            "experts",
+            optimizer_entries=0,
+        )["ram_per_process_gb"]
         copy_gbs = mb / 1e9 / best["copy"][0]["seconds"]
         for m in ("copy", "export", "export2"):
             g = best[m]
@@ -187,8 +233,10 @@ def main() -> None:
             label = {"copy": "copy", "export": "export x1", "export2": "export x2"}[m]
             ratio = "" if m == "copy" else f"{max(x['peak_rss'] - x['rss_imports'] for x in g) / largest:>23.2f}"
             plan = "" if m == "copy" else f"{est:>16.2f}"
-            print(f"{mb / 1e9:>8.2f} {label:<10} {t:>7.1f} {mb / 1e9 / t:>6.2f} {mb / 1e9 / t / copy_gbs:>8.2f} "
-                  f"{peak / 1e9:>17.2f} {imp / 1e9:>11.2f} {ratio:>23} {plan}")
+            print(
+                f"{mb / 1e9:>8.2f} {label:<10} {t:>7.1f} {mb / 1e9 / t:>6.2f} {mb / 1e9 / t / copy_gbs:>8.2f} "
+                f"{peak / 1e9:>17.2f} {imp / 1e9:>11.2f} {ratio:>23} {plan}"
+            )
     print(f"\ncores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} (a shared machine makes times noisy)")
 
 

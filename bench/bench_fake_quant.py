@@ -109,18 +109,18 @@ def run(shape, dtypes, repeats: int, device: str) -> list[dict]:
     for dtype in dtypes:
         torch.manual_seed(0)
         w = (torch.randn(*shape, device=device) * 0.02).to(dtype).requires_grad_(True)
-        fns, group_of = {"clone": lambda: w.clone()}, {"clone": None}
+        fns, group_of = {"clone": lambda w=w: w.clone()}, {"clone": None}
         for group in sorted({QuantScheme(**kw).group_size for _, kw in CASES}):
             lin = _quantized_linear(w.detach(), _modelopt_int4_cfg(group))
             fns[f"modelopt int4 g{group}"] = lambda m=lin: m.weight_quantizer(m.weight)
             group_of[f"modelopt int4 g{group}"] = group
         for label, kw in CASES:
             scheme = QuantScheme(**kw)
-            fns[f"fused {label}"] = (lambda s=scheme: fused.fake_quantize(
+            fns[f"fused {label}"] = (lambda s=scheme, w=w: fused.fake_quantize(
                 s.format, w, s.group_size, **s.rule_kwargs))
             lin = _quantized_linear(w.detach(), scheme.modelopt_config())
             fns[f"fused via mtq {label}"] = lambda m=lin: m.weight_quantizer(m.weight)
-            fns[f"oracle {label}"] = lambda s=scheme: s.fake_quantize(w)
+            fns[f"oracle {label}"] = lambda s=scheme, w=w: s.fake_quantize(w)
             for pre in ("fused", "fused via mtq", "oracle"):
                 group_of[f"{pre} {label}"] = scheme.group_size
         times = _time_interleaved(fns, repeats, device)

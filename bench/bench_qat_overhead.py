@@ -90,7 +90,7 @@ def main(argv=None) -> int:
             cpu_times.clear()
             try:
                 with tempfile.TemporaryDirectory() as out:
-                    res = train(Recipe.from_dict(d), cpu=True, out=out, save=False, quant=quant, log=lambda s: None)
+                    train(Recipe.from_dict(d), cpu=True, out=out, save=False, quant=quant, log=lambda s: None)
             finally:
                 modelopt_backend.fused.fake_quantize = real
                 os.environ.pop("INT4_QAT_FUSED", None)

@@ -361,12 +361,18 @@ class BatchSampler:
     def num_microbatches(self) -> int:
         return self.gb // (self.mb * self.dp_size)
 
-    @functools.lru_cache(maxsize=4)
     def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The sample permutation of ``epoch`` (the last one is kept: steps walk epochs in order)."""
+        cached = getattr(self, "_order_cache", None)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         if not self.shuffle:
-            return torch.arange(self.n)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)
+            order = torch.arange(self.n)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(self.n, generator=g)
+        self._order_cache = (epoch, order)
+        return order
 
     def global_indices(self, start: int, count: int) -> list[int]:
         """Sample ids at positions ``[start, start+count)`` of the endless epoch stream."""

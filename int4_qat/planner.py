@@ -420,7 +420,7 @@ def marlin_problems(a: ArchShape, group: int, serving_tp: int, serving_ep: int,
             if eps:
                 fixes.append(f"export.serving_ep: {eps[0]} (serving expert parallel: each rank holds "
                              f"{I // (serving_tp // eps[0])}-wide experts)")
-            fixes.append(f"a smaller export.serving_tp")
+            fixes.append("a smaller export.serving_tp")
             out.append(f"quant.group_size / export.serving_tp: Marlin MoE needs (moe_intermediate_size / "
                        f"(serving_tp / serving_ep)) % max(64, group) == 0, but {I} / {moe_tp} = "
                        f"{I / moe_tp:g} is not a multiple of {need} (group {group} at serving_tp "

@@ -208,7 +208,7 @@ class Trainer:
             # keep this recipe's (see int4_qat/resume.py: the schedule may change on resume)
             fresh = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in self.optimizer.param_groups]
             st = ckpt.load_checkpoint(self.resume_dir, self.model, self.optimizer, self.scheduler, log=self.log)
-            for g, f in zip(self.optimizer.param_groups, fresh):
+            for g, f in zip(self.optimizer.param_groups, fresh, strict=True):
                 g.update(f)
             self.scheduler.step(increment=0)
             self.step = st["step"]
@@ -401,8 +401,9 @@ def train(recipe, *, steps: int | None = None, cpu: bool | None = None, out: str
     try:
         while trainer.step < end:
             m = trainer.train_step()
-            res.steps.append(m["step"]); res.losses.append(m["loss"]); res.grad_norms.append(m["grad_norm"])
-            res.lrs.append(m["lr"]); res.step_times.append(m["step_time"])
+            for key, series in (("step", res.steps), ("loss", res.losses), ("grad_norm", res.grad_norms),
+                                ("lr", res.lrs), ("step_time", res.step_times)):
+                series.append(m[key])
             if not math.isfinite(m["loss"]):
                 raise FloatingPointError(f"step {m['step']}: loss is {m['loss']}")
             s = m["step"]
@@ -412,13 +413,15 @@ def train(recipe, *, steps: int | None = None, cpu: bool | None = None, out: str
                     res.eval_losses[s] = ev
                     m["eval_loss"] = ev
             if metrics_f is not None:
-                metrics_f.write(json.dumps({**m, "quantized": quant}) + "\n"); metrics_f.flush()
+                metrics_f.write(json.dumps({**m, "quantized": quant}) + "\n")
+                metrics_f.flush()
             if s % t.log_interval == 0 or s == end:
                 line = (f"step {s}/{t.steps} | loss {m['loss']:.4f} | grad_norm {m['grad_norm']:.3f} | "
                         f"lr {m['lr']:.2e} | {m['tokens_per_s']:.0f} tok/s"
                         + (f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
                 if bar is not None:
-                    bar.set_postfix_str(line.split(" | ", 1)[1]); bar.update(s - bar.n)
+                    bar.set_postfix_str(line.split(" | ", 1)[1])
+                    bar.update(s - bar.n)
                 else:
                     trainer.log(line)
             if save and (s % t.save_interval == 0 or s == end):

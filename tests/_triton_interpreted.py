@@ -9,7 +9,6 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
 
 import test_formats_fused as T  # noqa: E402
 from int4_qat.formats import _triton_kernels as tk, finite_check, get_format, raise_if_nonfinite  # noqa: E402

@@ -99,7 +99,7 @@ def test_import_export_round_trip_is_exact(ckpts, kind, dtype):
     out = ckpts[kind].parent / f"{kind}-reexport"
     write_hf_checkpoint(exported.items(), out, shards=3, config=arch.hf_config)
     arch2, model2 = load_megatron(out, params_dtype=dtype)
-    for (n1, p1), (n2, p2) in zip(model.named_parameters(), model2.named_parameters()):
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), model2.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 

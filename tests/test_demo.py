@@ -377,7 +377,8 @@ def test_demo_llama_cpp_column(ci_run):
         assert abs(col["delta"] - r["delta_vs_bf16"]) < 1e-3
         # per window, the quantization effect llama.cpp sees is the one transformers sees (measured
         # 0.965-0.986): a GGUF of other weights (or of the unquantized model) would not correlate
-        hf = torch.tensor(r["window_losses"], dtype=torch.float64) - torch.tensor(ref["window_losses"], dtype=torch.float64)
+        hf = (torch.tensor(r["window_losses"], dtype=torch.float64)
+              - torch.tensor(ref["window_losses"], dtype=torch.float64))
         assert float(torch.corrcoef(torch.stack([wl - ref_wl, hf]))[0, 1]) > 0.8, (f, m)
     # the section's gap lines: the column's own intervals, the headlines' wording
     sec = js["meta"]["sections"]["llama.cpp"]
@@ -398,22 +399,25 @@ def test_demo_llama_cpp_column(ci_run):
         assert f["ggml_type"] == want and f["path"] == str(out / "gguf" / f"{name.replace(' ', '-')}.gguf")
         assert types["blk.0.ffn_up_exps.weight"] == want and types["blk.1.attn_q.weight"] == want  # all-linear
         assert types["token_embd.weight"] == "BF16" and types["blk.0.ffn_gate_inp.weight"] == "F32"
-        if want == "Q4_0":      # the export serves bf16(q*s), llama.cpp q*d: same codes and scales
-            assert 0 < f["mismatched"] and 0 < f["max_rel"] <= 2.0 ** -8
+        if want == "Q4_0":  # the export serves bf16(q*s), llama.cpp q*d: same codes and scales
+            assert 0 < f["mismatched"] and 0 < f["max_rel"] <= 2.0**-8
         else:
             assert f["exact"] and f["mismatched"] == 0
     # the tokens/s table: BF16 vs Q4_0 vs MXFP4, positive, printed, in summary.md, plotted
     bench = sec["tokens_per_s"]
-    assert [(d["row"], d["type"]) for d in bench] == [("bf16 trained", "BF16"), ("int4-g32 qat", "Q4_0"),
-                                                      ("mxfp4 qat", "MXFP4")]
+    assert [(d["row"], d["type"]) for d in bench] == [
+        ("bf16 trained", "BF16"),
+        ("int4-g32 qat", "Q4_0"),
+        ("mxfp4 qat", "MXFP4"),
+    ]
     for d in bench:
         for k in ("pp", "pp_cpu", "tg", "tg_cpu", "pp_cpu_vs_ref", "tg_cpu_vs_ref"):
             assert math.isfinite(d[k]) and d[k] > 0, (d["type"], k)
         assert d["pp_cpu_range"][0] <= d["pp_cpu"] <= d["pp_cpu_range"][1]
         assert d["active_weight_bytes"] < d["bytes"]
     assert bench[0]["pp_cpu_vs_ref"] == bench[0]["tg_cpu_vs_ref"] == 1.0
-    assert bench[1]["active_weight_bytes"] < 0.45 * bench[0]["active_weight_bytes"]   # 4.5 vs 16 bits
-    head = stdout[stdout.index("llama.cpp tokens/s on this machine"):]
+    assert bench[1]["active_weight_bytes"] < 0.45 * bench[0]["active_weight_bytes"]  # 4.5 vs 16 bits
+    head = stdout[stdout.index("llama.cpp tokens/s on this machine") :]
     for d in bench:
         assert re.search(rf"\n{d['row']}\s+{d['type']}\s", head), d["row"]
     assert "llama.cpp loss" in stdout and "llama.cpp Δ [95% CI]" in stdout
@@ -444,8 +448,9 @@ def llama_exports(tmp_path_factory):
         export_checkpoint(str(hf), str(dirs[name]), scope="all-linear", progress=False, **kw)
     w = pack_documents(system_corpus(max_docs=60), ByteTokenizer(320), 33)[:12]
     evalset = EvalSet(w[:, :-1].contiguous(), w[:, 1:].contiguous(), batch=4)
-    hf_losses = {k: window_losses(served_logits(load_served_model(d)[0], evalset).target_logprobs)
-                 for k, d in dirs.items()}
+    hf_losses = {
+        k: window_losses(served_logits(load_served_model(d)[0], evalset).target_logprobs) for k, d in dirs.items()
+    }
     return root, dirs, evalset, hf_losses
 
 
@@ -458,22 +463,28 @@ def test_llama_cpp_evaluator_runs_what_the_export_holds(llama_exports):
 
     root, dirs, evalset, hf = llama_exports
     ev = LlamaCppEvaluator(root / "f32", float_type="f32")
-    assert [ev.accepts(f, "ptq") for f in ("bf16", "int4-g32", "mxfp4", "int4-g128", "nvfp4", "fp8-e4m3")] \
-        == [True, True, True, False, False, False]
+    assert [ev.accepts(f, "ptq") for f in ("bf16", "int4-g32", "mxfp4", "int4-g128", "nvfp4", "fp8-e4m3")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
     ll = {k: ev.window_losses(d, evalset) for k, d in dirs.items()}
-    assert ll["bf16"].shape == (12,) and float((ll["bf16"] - hf["bf16"]).abs().max()) < 1e-5   # measured 5e-7
+    assert ll["bf16"].shape == (12,) and float((ll["bf16"] - hf["bf16"]).abs().max()) < 1e-5  # measured 5e-7
     files = {os.path.basename(f.path): f for f in ev.files.values()}
     assert set(files) == {"bf16-trained.gguf", "int4-g32-qat.gguf", "mxfp4-qat.gguf"}
     for k, want in (("int4-g32", "Q4_0"), ("mxfp4", "MXFP4")):
         f = files[f"{k}-qat.gguf"]
         assert f.ggml_type == want and _gguf_types(f.path)["blk.0.attn_q.weight"] == want
         near, far = (float((ll[k] - hf[x]).abs().mean()) for x in (k, "bf16"))
-        assert near < 0.25 * far, (k, near, far)           # measured 0.016 vs 0.11-0.14
+        assert near < 0.25 * far, (k, near, far)  # measured 0.016 vs 0.11-0.14
         # the check can fail: the unquantized file's losses are no stand-in for the export's
         assert not float((ll["bf16"] - hf[k]).abs().mean()) < 0.25 * float((ll["bf16"] - hf["bf16"]).abs().mean())
     assert files["mxfp4-qat.gguf"].exact and files["mxfp4-qat.gguf"].mismatched == 0
-    q4 = files["int4-g32-qat.gguf"]                      # served: bf16 (Marlin) vs llama.cpp's exact q*d
-    assert not q4.exact and 0 < q4.max_rel <= 2.0 ** -8
+    q4 = files["int4-g32-qat.gguf"]  # served: bf16 (Marlin) vs llama.cpp's exact q*d
+    assert not q4.exact and 0 < q4.max_rel <= 2.0**-8
     assert _gguf_types(files["bf16-trained.gguf"].path)["output.weight"] == "F32"
     with pytest.raises(ValueError, match="model_type 'gpt_oss' is not exported to GGUF"):
         ev.check({"model_type": "gpt_oss"})
@@ -487,20 +498,33 @@ def test_llama_cpp_section_tokens_per_s(llama_exports):
     root, dirs, evalset, hf = llama_exports
     ev = LlamaCppEvaluator(root / "out", bench_rounds=2, bench_windows=4, decode_tokens=16)
     rows = []
-    for (fmt, method), k in ((("bf16", "trained"), "bf16"), (("int4-g32", "qat"), "int4-g32"),
-                             (("mxfp4", "qat"), "mxfp4"), (("int4-g128", "qat"), None)):
-        r = Row(fmt, method, float(hf[k].mean()) if k else 3.0, export_dir=str(dirs[k]) if k else "/x",
-                checkpoint_bytes=1000)
+    for (fmt, method), k in (
+        (("bf16", "trained"), "bf16"),
+        (("int4-g32", "qat"), "int4-g32"),
+        (("mxfp4", "qat"), "mxfp4"),
+        (("int4-g128", "qat"), None),
+    ):
+        r = Row(
+            fmt,
+            method,
+            float(hf[k].mean()) if k else 3.0,
+            export_dir=str(dirs[k]) if k else "/x",
+            checkpoint_bytes=1000,
+        )
         if k:
             wl = ev.window_losses(dirs[k], evalset)
             r.extra[ev.name] = {"loss": float(wl.mean()), "window_losses": wl.tolist()}
         rows.append(r)
-    assert ev.section([]) is not None and ev.section([]).data["tokens_per_s"] == []   # nothing to time
+    assert ev.section([]) is not None and ev.section([]).data["tokens_per_s"] == []  # nothing to time
     sec = ev.section(rows)
     bench = sec.data["tokens_per_s"]
     assert [d["type"] for d in bench] == ["BF16", "Q4_0", "MXFP4"]
     assert all(d[k] > 0 for d in bench for k in ("pp", "pp_cpu", "tg", "tg_cpu"))
-    assert bench[0]["pp_cpu_vs_ref"] == 1.0 and bench[0]["pp_tokens"] == evalset.tokens.shape[1] and bench[0]["pp_windows"] == 4
+    assert (
+        bench[0]["pp_cpu_vs_ref"] == 1.0
+        and bench[0]["pp_tokens"] == evalset.tokens.shape[1]
+        and bench[0]["pp_windows"] == 4
+    )
     assert [f["row"] for f in sec.data["files"]] == ["bf16 trained", "int4-g32 qat", "mxfp4 qat"]
     assert sec.data["files"][1]["llama_cpp_loss"] == pytest.approx(rows[1].extra[ev.name]["loss"])
     for text in (sec.text, sec.markdown):
@@ -510,8 +534,10 @@ def test_llama_cpp_section_tokens_per_s(llama_exports):
     # (the demo's model), all of it (memory-bound), or part of it
     from int4_qat.demo.llama_cpp import _honesty
 
-    fake = [dict(bench[0], active_weight_bytes=700_000, tg_cpu=16_000.0, tg_cpu_vs_ref=1.0, pp_cpu_vs_ref=1.0),
-            dict(bench[1], active_weight_bytes=260_000, tg_cpu_vs_ref=1.15, pp_cpu_vs_ref=1.0)]
+    fake = [
+        dict(bench[0], active_weight_bytes=700_000, tg_cpu=16_000.0, tg_cpu_vs_ref=1.0, pp_cpu_vs_ref=1.0),
+        dict(bench[1], active_weight_bytes=260_000, tg_cpu_vs_ref=1.15, pp_cpu_vs_ref=1.0),
+    ]
     assert "4-bit weights barely change it" in _honesty(fake) and "2.7× fewer bytes" in _honesty(fake)
     fake[1]["tg_cpu_vs_ref"] = 2.5
     assert "decode follows the weight bytes" in _honesty(fake)
@@ -570,6 +596,7 @@ def tiny_megatron():
     def make():
         torch.manual_seed(7)
         return build_model(arch, use_te=False, params_dtype=torch.float32).eval()
+
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, 256, (2, 32), generator=g) for _ in range(2)]
     return make, calib
@@ -592,7 +619,7 @@ def test_fp8_baseline_is_per_channel_e4m3_on_experts_only(tiny_megatron):
     # reference: torch's own E4M3 cast with one scale per output row, amax / 448
     scale = w.abs().amax(dim=1, keepdim=True) / 448.0
     ref = (w / scale).to(torch.float8_e4m3fn).to(torch.float32) * scale
-    assert not torch.equal(got, w)                       # it did quantize
+    assert not torch.equal(got, w)  # it did quantize
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
 
 
@@ -604,13 +631,15 @@ def test_awq_baseline_calibrates_expert_inputs(tiny_megatron):
     make, calib = tiny_megatron
     model = awq_int4(make(), calib, scope="experts", group_size=32)
     names = enabled_weight_quantizers(model)
-    assert len(names) == 2 * 8 * 2                     # fc1 + fc2, 8 experts, 2 layers
+    assert len(names) == 2 * 8 * 2  # fc1 + fc2, 8 experts, 2 layers
     lin = model.decoder.layers[1].mlp.experts.local_experts[0].linear_fc1
     pqs = getattr(lin.input_quantizer, "_pre_quant_scale", None)
     assert pqs is not None and pqs.shape == (lin.weight.shape[1],) and torch.isfinite(pqs).all()
     assert model.decoder.layers[1].mlp.router.weight.requires_grad is not None
-    assert not hasattr(model.decoder.layers[1].mlp.router, "weight_quantizer") or \
-        not model.decoder.layers[1].mlp.router.weight_quantizer.is_enabled
+    assert (
+        not hasattr(model.decoder.layers[1].mlp.router, "weight_quantizer")
+        or not model.decoder.layers[1].mlp.router.weight_quantizer.is_enabled
+    )
     with pytest.raises(ValueError, match="scope 'dense'"):
         scope_quantizer_globs("dense")
 
@@ -657,13 +686,13 @@ def test_extra_evaluator_column(tiny_megatron, tmp_path):
     demo.evaluate(make(), "bf16", "continued")
     scheme = QuantSection(format="int4", group_size=32, scope="experts").scheme()
     demo.evaluate(scheme.apply(make()), "int4-g32", "ptq")
-    assert ev.calls == ["bf16-trained", "int4-g32-ptq"]          # HF dir for bf16, the export else
+    assert ev.calls == ["bf16-trained", "int4-g32-ptq"]  # HF dir for bf16, the export else
     rows = {(r.format, r.method): r for r in demo.rows}
     assert "hf-bf16" not in rows[("bf16", "continued")].extra
     for r in (rows[("bf16", "trained")], rows[("int4-g32", "ptq")]):
         col = r.extra["hf-bf16"]
         assert len(col["window_losses"]) == 12
-        assert col["loss"] != r.eval_loss and abs(col["loss"] - r.eval_loss) < 0.05   # bf16 compute
+        assert col["loss"] != r.eval_loss and abs(col["loss"] - r.eval_loss) < 0.05  # bf16 compute
     assign_deltas(demo.rows)
     col, ref = rows[("int4-g32", "ptq")].extra["hf-bf16"], rows[("bf16", "trained")].extra["hf-bf16"]
     assert col["delta"] == pytest.approx(col["loss"] - ref["loss"])
@@ -674,7 +703,12 @@ def test_extra_evaluator_column(tiny_megatron, tmp_path):
 
 
 def test_cli_rejects_bad_options_with_exit_code_2():
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "demo.py"), "--hidden", "64",
-                           "--out", os.devnull], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "demo.py"), "--hidden", "64", "--out", os.devnull],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "demo: error: --hidden 64: int4-g32 needs hidden % 128 == 0" in proc.stderr

@@ -124,7 +124,8 @@ def test_router_never_packed_and_ignore_list(tiny, tmp_path):
     export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", scope="all-linear", group_size=64, progress=False)
     _, t = _tensors(out)
     assert t["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
-    assert not [k for k in t if re.search(r"mlp\.gate\.weight_|embed_tokens\.weight_|lm_head\.weight_|norm\.weight_", k)]
+    never = r"mlp\.gate\.weight_|embed_tokens\.weight_|lm_head\.weight_|norm\.weight_"
+    assert not [k for k in t if re.search(never, k)]
     assert "model.layers.0.self_attn.q_proj.weight_packed" in t  # all-linear packs attention
     ign = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["ignore"]
     assert ign == ["lm_head", "model.embed_tokens", r"re:model\.layers\.\d+\.mlp\.gate$"]
@@ -183,16 +184,20 @@ def test_refuses_nan_naming_tensor(tiny, tmp_path):
 
 def test_refuses_bad_shapes_and_unservable(tiny, tmp_path):
     out = str(tmp_path / "out")
-    with pytest.raises(ValueError, match=r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+_proj\.weight: shape \[128, 128\].*group size 48"):
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.\d+\.mlp\.experts\.\d+\.\w+_proj\.weight: shape \[128, 128\].*group size 48"
+    ):
         export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", group_size=48, progress=False)
     assert _no_output(out)
-    with pytest.raises(ValueError, match=r"(?s)serving TP 4 / EP 1.*\(moe_intermediate_size / \(serving_tp / serving_ep\)\) "
-                                         r"% max\(64, group\) == 0, but 128 / 4 = 32 .*fix: .*export.serving_ep: 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)serving TP 4 / EP 1.*\(moe_intermediate_size / \(serving_tp / serving_ep\)\) "
+        r"% max\(64, group\) == 0, but 128 / 4 = 32 .*fix: .*export.serving_ep: 4",
+    ):
         export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", serving_tp=4, progress=False)
     assert _no_output(out)
     # serving expert parallel: each rank holds whole 128-wide experts -> servable
-    export_checkpoint(tiny["qwen3_moe"], str(tmp_path / "ep"), fmt="int4", serving_tp=4, serving_ep=4,
-                      progress=False)
+    export_checkpoint(tiny["qwen3_moe"], str(tmp_path / "ep"), fmt="int4", serving_tp=4, serving_ep=4, progress=False)
     with pytest.warns(UserWarning, match=r"Marlin serves INT4 groups \[32, 64, 128\] only, got 16"):
         export_checkpoint(tiny["qwen3_moe"], out, fmt="int4", group_size=16, progress=False)
     assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
@@ -242,13 +247,35 @@ def test_sigkill_midway_leaves_no_completed_output(tmp_path):
     # while shards are being written
     src = tmp_path / "big"
     cfg = json.load(open(os.path.join(REPO, "recipes", "models", "tiny-qwen3-moe", "config.json")))
-    cfg.update(hidden_size=1024, moe_intermediate_size=1024, num_hidden_layers=3, head_dim=128,
-               num_attention_heads=8, num_key_value_heads=4, vocab_size=512, intermediate_size=1024)
+    cfg.update(
+        hidden_size=1024,
+        moe_intermediate_size=1024,
+        num_hidden_layers=3,
+        head_dim=128,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=512,
+        intermediate_size=1024,
+    )
     random_hf_checkpoint(cfg, src, shards=3)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools/export.py"), "--input", str(src), "--output",
-                             str(out), "--format", "int4", "--no-progress", "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools/export.py"),
+            "--input",
+            str(src),
+            "--output",
+            str(out),
+            "--format",
+            "int4",
+            "--no-progress",
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     killed = False
     while time.time() < deadline and proc.poll() is None:

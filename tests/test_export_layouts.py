@@ -66,7 +66,10 @@ def inputs(tmp_path_factory):
     cfg["num_hidden_layers"] = 4
     (root / "ds4").mkdir()
     (root / "ds4" / "config.json").write_text(json.dumps(cfg))
-    hf = {mt: str(make_tiny_hf_checkpoint(mt, root / "hf" / mt)) for mt in ("qwen3", "qwen3_moe", "deepseek_v3", "gpt_oss")}
+    hf = {
+        mt: str(make_tiny_hf_checkpoint(mt, root / "hf" / mt))
+        for mt in ("qwen3", "qwen3_moe", "deepseek_v3", "gpt_oss")
+    }
     hf["ds4"] = str(make_tiny_hf_checkpoint(str(root / "ds4"), root / "hf" / "ds4"))
     return {"root": root, "corpus": str(corpus), "hf": hf, "ds4": str(root / "ds4")}
 
@@ -79,18 +82,41 @@ def saved(inputs):
         spec = []
         for name, (model, init, fmt, scope, par, extra) in jobs.items():
             extra = dict(extra)
-            job = {"model": model, "fmt": fmt, "scope": scope, "parallel": {**par, "gpus_per_node": world},
-                   "hf": inputs["hf"][init], "out": str(inputs["root"] / name), "corpus": inputs["corpus"],
-                   "quant": extra.pop("quant", True), "train": extra,
-                   "config": inputs["ds4"] if init == "ds4" else None}
+            job = {
+                "model": model,
+                "fmt": fmt,
+                "scope": scope,
+                "parallel": {**par, "gpus_per_node": world},
+                "hf": inputs["hf"][init],
+                "out": str(inputs["root"] / name),
+                "corpus": inputs["corpus"],
+                "quant": extra.pop("quant", True),
+                "train": extra,
+                "config": inputs["ds4"] if init == "ds4" else None,
+            }
             spec.append(job)
             out[name] = inputs["root"] / name
         path = inputs["root"] / f"spec{world}.json"
         path.write_text(json.dumps({"jobs": spec, "result": str(inputs["root"] / f"result{world}.json")}))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-                            "--master-port", str(_free_port()), str(REPO_ROOT / "tests" / "_export_worker.py"),
-                            str(path)], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                str(world),
+                "--master-port",
+                str(_free_port()),
+                str(REPO_ROOT / "tests" / "_export_worker.py"),
+                str(path),
+            ],
+            env=env,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return out
 
@@ -121,7 +147,7 @@ def test_stream_equals_oracle_and_live(exported, name):
 def test_every_layout_exports_the_same_model(exported):
     """Same weights (one HF init) and scheme in different layouts -> the same bytes."""
     groups: dict = {}
-    for name, (model, init, fmt, scope, _, extra) in {**JOBS[2], **JOBS[4]}.items():
+    for name, (_model, init, fmt, scope, _, extra) in {**JOBS[2], **JOBS[4]}.items():
         groups.setdefault((init, fmt, scope, extra.get("quant", True)), []).append(name)
     compared = 0
     for names in groups.values():
@@ -137,9 +163,25 @@ def test_two_processes_write_the_same_bytes(saved, tmp_path):
     ckpt = saved["ds-ep2pp2"] / "ckpt"
     one, two = tmp_path / "one", tmp_path / "two"
     export_checkpoint(str(ckpt), str(one), progress=False, max_shard_bytes=100_000)
-    p = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "export.py"), "--input", str(ckpt), "--output",
-                        str(two), "--nproc", "2", "--max-shard-size", "100KB", "--no-progress"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "export.py"),
+            "--input",
+            str(ckpt),
+            "--output",
+            str(two),
+            "--nproc",
+            "2",
+            "--max-shard-size",
+            "100KB",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-4000:]
     n = len([f for f in os.listdir(one) if f.endswith(".safetensors")])
     assert n >= 4 and f"({n} shards, 2 process(es))" in p.stdout, p.stdout

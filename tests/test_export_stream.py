@@ -100,7 +100,7 @@ def test_dcp_box_reads_match_full_tensor(ckpts):
     assert tm.shape == (8, 256, 128) and len(tm.chunks) == 16 and not any(k.startswith("optimizer.") for k in r.tensors)
     full = r.read(key)
     for off, size in [((3, 0, 0), (1, 256, 128)), ((2, 100, 5), (3, 60, 100)), ((0, 127, 0), (8, 2, 128))]:
-        box = full[tuple(slice(o, o + s) for o, s in zip(off, size))]
+        box = full[tuple(slice(o, o + s) for o, s in zip(off, size, strict=True))]
         assert torch.equal(r.read(key, off, size), box)
     with pytest.raises(ValueError, match="outside"):
         r.read(key, (7, 0, 0), (2, 256, 128))
@@ -126,9 +126,11 @@ def test_streamed_export_equals_the_model_path(ckpts, tmp_path, which):
 TE_NAMES = {
     "qwen3_moe": [(r"(layers\.\d+)\.mlp\.linear_fc1\.layer_norm_weight$", r"\1.pre_mlp_layernorm.weight")],
     "gpt_oss": [(r"(layers\.\d+)\.mlp\.linear_fc1\.layer_norm_weight$", r"\1.pre_mlp_layernorm.weight")],
-    "deepseek_v3": [(r"self_attention\.q_layernorm\.weight$", "self_attention.linear_q_up_proj.layer_norm_weight"),
-                    (r"self_attention\.kv_layernorm\.weight$", "self_attention.linear_kv_up_proj.layer_norm_weight"),
-                    (r"(layers\.0)\.pre_mlp_layernorm\.weight$", r"\1.mlp.linear_fc1.layer_norm_weight")],  # dense layer
+    "deepseek_v3": [
+        (r"self_attention\.q_layernorm\.weight$", "self_attention.linear_q_up_proj.layer_norm_weight"),
+        (r"self_attention\.kv_layernorm\.weight$", "self_attention.linear_kv_up_proj.layer_norm_weight"),
+        (r"(layers\.0)\.pre_mlp_layernorm\.weight$", r"\1.mlp.linear_fc1.layer_norm_weight"),
+    ],  # dense layer
 }
 
 
@@ -143,12 +145,14 @@ def rename_checkpoint_keys(src, dst, table) -> int:
         for pat, rep in table:
             k = re.sub(pat, rep, k)
         return k
+
     renamed = sum(new(k) != k for k in md.state_dict_metadata)
     md.state_dict_metadata = {new(k): v for k, v in md.state_dict_metadata.items()}
     md.storage_data = {dataclasses.replace(i, fqn=new(i.fqn)): v for i, v in md.storage_data.items()}
     with open(os.path.join(dst, ".metadata"), "wb") as f:
         pickle.dump(md, f)
-    from int4_qat import checksums   # as a TE-spec run would have saved it: checksums of these files
+    from int4_qat import checksums  # as a TE-spec run would have saved it: checksums of these files
+
     checksums.write_checksums(dst, checksums.file_entries(dst))
     return renamed
 
@@ -172,7 +176,9 @@ def test_te_spec_names_read_the_same(ckpts, tmp_path, mt, monkeypatch):
         import int4_qat.export.megatron_source as M
 
         monkeypatch.setattr(M, "CHECKPOINT_KEY_ALIASES", ())
-        with pytest.raises(ValueError, match=r"checkpoint lacks 2 tensor\(s\) .*e\.g\. decoder\.layers\.0\.pre_mlp_layernorm\.weight;"):
+        with pytest.raises(
+            ValueError, match=r"checkpoint lacks 2 tensor\(s\) .*e\.g\. decoder\.layers\.0\.pre_mlp_layernorm\.weight;"
+        ):
             export_checkpoint(str(it), str(tmp_path / "x"), progress=False)
 
 
@@ -201,18 +207,25 @@ def test_bf16_parameters_are_quantized_not_fp32_master_copies(tmp_path):
     import_hf_checkpoint(model, arch, hf)
     model = recipe.quant.scheme().apply(model)
 
-    class MasterCopies:   # what Megatron's fp16/bf16 optimizer saves (optimizer.py, prefix fp32_param)
+    class MasterCopies:  # what Megatron's fp16/bf16 optimizer saves (optimizer.py, prefix fp32_param)
         def sharded_state_dict(self, model_sd):
             g = torch.Generator().manual_seed(0)
-            return {k: make_sharded_optimizer_tensor(
-                v, v.data.float() + 1e-2 * torch.randn(v.data.shape, generator=g), "optimizer.state.fp32_param")
-                for k, v in model_sd.items() if isinstance(v, (ShardedTensor, ShardedTensorFactory))}
+            return {
+                k: make_sharded_optimizer_tensor(
+                    v, v.data.float() + 1e-2 * torch.randn(v.data.shape, generator=g), "optimizer.state.fp32_param"
+                )
+                for k, v in model_sd.items()
+                if isinstance(v, (ShardedTensor, ShardedTensorFactory))
+            }
+
     C.save_checkpoint(tmp_path / "ckpt", 1, model, MasterCopies(), recipe=recipe)
     out = tmp_path / "out"
     export_checkpoint(str(tmp_path / "ckpt"), str(out), progress=False)
     cfg = json.loads((out / "config.json").read_text())
     meta = json.loads((out / "int4_qat_export.json").read_text())["checkpoint"]
-    assert cfg["torch_dtype"] == "bfloat16" and meta["weight_dtypes"]["bfloat16"] > 100 * meta["weight_dtypes"]["float32"]
+    assert (
+        cfg["torch_dtype"] == "bfloat16" and meta["weight_dtypes"]["bfloat16"] > 100 * meta["weight_dtypes"]["float32"]
+    )
     # the export's weights are the bf16 parameters: verify against them in HF layout ...
     source, _, _ = open_checkpoint_source(tmp_path / "ckpt")
     ref = tmp_path / "ref"
@@ -238,8 +251,12 @@ def test_bf16_parameters_are_quantized_not_fp32_master_copies(tmp_path):
 
 # ------------------------------------------------------------------ bad input
 def _cli(*args):
-    p = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "export.py"), *map(str, args), "--no-progress"],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    p = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "export.py"), *map(str, args), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("export: error:")]
     return p.returncode, errors, p.stderr
 
@@ -281,15 +298,24 @@ def test_bad_checkpoints_one_line_nothing_written(ckpts, tmp_path):
         f.truncate(os.path.getsize(d / "__0_0.distcp") // 2)
     refused(root, r"__0_0\.distcp: truncated checkpoint file")
     for name, what in (("missing", r"__0_1\.distcp: missing"), ("truncated", r"__0_0\.distcp: truncated")):
-        with pytest.raises(ValueError, match=what):         # checksums.json (default): named up front
+        with pytest.raises(ValueError, match=what):  # checksums.json (default): named up front
             export_checkpoint(str(tmp_path / name / "ckpt"), str(out), progress=False)
         assert nothing_written(out)
     for key, value, pattern in [
-            ("num_experts", 16, r"router\.weight has shape \[8, 128\], but its config\.json implies \[16, 128\]"),
-            ("num_hidden_layers", 3, r"checkpoint lacks \d+ tensor\(s\) that its config\.json .* e\.g\. decoder\.layers\.2\."),
-            ("num_hidden_layers", 1, r"checkpoint tensor decoder\.layers\.1\..* matches no qwen3_moe rule"),
-            ("moe_intermediate_size", 64, r"experts\.0\.linear_fc1\.weight_w has shape \[128, 128\], but its "
-                                          r"config\.json implies \[64, 128\]")]:
+        ("num_experts", 16, r"router\.weight has shape \[8, 128\], but its config\.json implies \[16, 128\]"),
+        (
+            "num_hidden_layers",
+            3,
+            r"checkpoint lacks \d+ tensor\(s\) that its config\.json .* e\.g\. decoder\.layers\.2\.",
+        ),
+        ("num_hidden_layers", 1, r"checkpoint tensor decoder\.layers\.1\..* matches no qwen3_moe rule"),
+        (
+            "moe_intermediate_size",
+            64,
+            r"experts\.0\.linear_fc1\.weight_w has shape \[128, 128\], but its "
+            r"config\.json implies \[64, 128\]",
+        ),
+    ]:
         root, d = case(f"config-{key}-{value}")
         cfg = json.loads((d / "config.json").read_text())
         cfg[key] = value
@@ -343,19 +369,32 @@ def test_export_fits_in_a_fraction_of_the_model(tmp_path):
 
     cfg = json.loads((REPO_ROOT / "recipes" / "models" / "tiny-qwen3-moe" / "config.json").read_text())
     # 44 layers of 37 MB (fp32): attention 24 MB (copied: scope experts), 8 experts 13 MB (packed)
-    cfg.update(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-               moe_intermediate_size=128, intermediate_size=2048, num_hidden_layers=44, max_window_layers=44)
+    cfg.update(
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        moe_intermediate_size=128,
+        intermediate_size=2048,
+        num_hidden_layers=44,
+        max_window_layers=44,
+    )
     d = Recipe.load(REPO_ROOT / "recipes" / "tiny-moe.yaml").to_dict()
     ckpt = synthetic_checkpoint(cfg, tmp_path / "ckpt", dtype=torch.float32, recipe_yaml=Recipe.from_dict(d).to_yaml())
     model_bytes = sum(os.path.getsize(p) for p in (ckpt / "iter_0000001").glob("*.distcp"))
     budget = 160 << 20
-    p = subprocess.run([sys.executable, "-c", _LIMITED_EXPORT, str(ckpt), str(tmp_path / "out"), str(budget),
-                        str(model_bytes)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    p = subprocess.run(
+        [sys.executable, "-c", _LIMITED_EXPORT, str(ckpt), str(tmp_path / "out"), str(budget), str(model_bytes)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    print(f"\nmodel {model_bytes / 1e9:.2f} GB fp32; process limit {got['limit'] / 1e9:.2f} GB; RSS "
-          f"{got['rss_before'] / 1e6:.0f} MB before -> peak {got['peak_rss'] / 1e6:.0f} MB")
+    print(
+        f"\nmodel {model_bytes / 1e9:.2f} GB fp32; process limit {got['limit'] / 1e9:.2f} GB; RSS "
+        f"{got['rss_before'] / 1e6:.0f} MB before -> peak {got['peak_rss'] / 1e6:.0f} MB"
+    )
     assert model_bytes > 2.5 * got["limit"]
     assert got["refused"] and got["packed"] == 44 * 8 * 3
     assert got["peak_rss"] - got["rss_before"] < budget
@@ -374,11 +413,13 @@ def test_planner_states_export_ram_and_disk():
     kimi = plan(Recipe.load(REPO_ROOT / "recipes" / "kimi-k2-int4.yaml"))
     e = kimi["export"]
     assert e["processes"] == 16 and e["ram_per_process_gb"] < 4 and e["input_gb"] > 2000
-    assert abs(e["disk_gb"] - kimi["serving"]["int4-g32"]["gb"]) < 0.2      # the output only, bf16 rest
+    assert abs(e["disk_gb"] - kimi["serving"]["int4-g32"]["gb"]) < 0.2  # the output only, bf16 rest
     # flat in model size: twice the layers adds metadata, not working memory
     cfg = json.loads((REPO_ROOT / "recipes" / "models" / "qwen3-235b-a22b" / "config.json").read_text())
     a1 = export_plan(arch_shape(cfg), "int4", 128, "experts", tp=4)
-    a2 = export_plan(arch_shape({**cfg, "num_hidden_layers": 2 * cfg["num_hidden_layers"]}), "int4", 128, "experts", tp=4)
+    a2 = export_plan(
+        arch_shape({**cfg, "num_hidden_layers": 2 * cfg["num_hidden_layers"]}), "int4", 128, "experts", tp=4
+    )
     assert a1["working_gb"] == a2["working_gb"] and a2["metadata_gb"] > 1.8 * a1["metadata_gb"]
     assert a2["input_gb"] > 1.9 * a1["input_gb"]
 

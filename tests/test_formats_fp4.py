@@ -194,7 +194,7 @@ def test_mxfp4_scale_rule_is_smallest_power_of_two_that_does_not_clip():
     w[:, 3] = -amax
     e = mxfp4.quantize(w).scale[:, 0].int() - 127
     assert e.tolist() == [0, 1, -1, 0, -2, -127, -127, -12]
-    for a, ei in zip(amax.tolist(), e.tolist()):
+    for a, ei in zip(amax.tolist(), e.tolist(), strict=True):
         assert a <= 6 * 2.0 ** ei and (ei == -127 or a > 6 * 2.0 ** (ei - 1))
 
 

@@ -373,7 +373,6 @@ def test_qat_int4_g32_moe_served_by_llama_cpp(tmp_path):
     from int4_qat.export.gguf_eval import GGUFModel
     from int4_qat.export.gguf_export import write_gguf
     from int4_qat.export.megatron_source import open_checkpoint_source
-    from int4_qat.export.source import open_hf_source
     from int4_qat.recipe import Recipe
     from int4_qat.train import train
 

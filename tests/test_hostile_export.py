@@ -158,11 +158,16 @@ def _json_edit(path: Path, fn) -> None:
 
 MALFORMED = {
     "config is a list": ("config.json", lambda c: [1, 2], "config.json: top level must be a JSON object"),
-    "weight_map is a list": ("model.safetensors.index.json", lambda i: {**i, "weight_map": list(i["weight_map"])},
-                             "'weight_map' must be a JSON object"),
-    "index outside the input": ("model.safetensors.index.json",
-                                lambda i: {**i, "weight_map": {**i["weight_map"], "lm_head.weight": "../../../etc/passwd"}},
-                                "maps to '../../../etc/passwd', outside the input directory"),
+    "weight_map is a list": (
+        "model.safetensors.index.json",
+        lambda i: {**i, "weight_map": list(i["weight_map"])},
+        "'weight_map' must be a JSON object",
+    ),
+    "index outside the input": (
+        "model.safetensors.index.json",
+        lambda i: {**i, "weight_map": {**i["weight_map"], "lm_head.weight": "../../../etc/passwd"}},
+        "maps to '../../../etc/passwd', outside the input directory",
+    ),
     "config not UTF-8": ("config.json", None, "config.json is not UTF-8 text"),
 }
 
@@ -177,10 +182,12 @@ def test_malformed_metadata_is_one_line(src, tmp_path, capsys, kind, monkeypatch
         _json_edit(d / fname, fn)
     opened = []
     real_open = safe_open
-    monkeypatch.setattr("int4_qat.export.source.safe_open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    monkeypatch.setattr(
+        "int4_qat.export.source.safe_open", lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k)
+    )
     assert export_tool.main(["--input", str(d), "--output", str(tmp_path / "out"), *ARGS]) == 2
     assert expect in _one_error(capsys, "export")
-    assert not any("passwd" in str(p) for p in opened)       # refused by path, never opened
+    assert not any("passwd" in str(p) for p in opened)  # refused by path, never opened
 
 
 def test_quantization_config_null_means_unquantized(src, tmp_path, capsys):
@@ -194,27 +201,37 @@ def test_safetensors_header_without_data_offsets(src, tmp_path, capsys):
     shard = d / "model-00001-of-00002.safetensors"
     raw = shard.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = next(k for k in header if k != "__metadata__")
     del header[name]["data_offsets"]
     new = json.dumps(header).encode()
     new += b" " * (n - len(new)) if len(new) <= n else b""
-    shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
     assert export_tool.main(["--input", str(d), "--output", str(tmp_path / "out"), *ARGS]) == 2
     assert f"tensor {name} has no valid 'data_offsets'" in _one_error(capsys, "export")
 
 
 # ------------------------------------------------------------------ item 6: edited exports
-@pytest.mark.parametrize("edit, expect", [
-    ("group_size", "quantization_config.config_groups.group_0.weights.group_size: export has 64, expected 32"),
-    ("weight_shape", "model.layers.0.mlp.experts.0.up_proj.weight_shape holds [128, 64], the reference weight "
-                     "is [128, 128]"),
-])
+@pytest.mark.parametrize(
+    "edit, expect",
+    [
+        ("group_size", "quantization_config.config_groups.group_0.weights.group_size: export has 64, expected 32"),
+        (
+            "weight_shape",
+            "model.layers.0.mlp.experts.0.up_proj.weight_shape holds [128, 64], the reference weight is [128, 128]",
+        ),
+    ],
+)
 def test_edited_export_fails_verification_without_a_crash(src, good_export, tmp_path, capsys, edit, expect):
     e = _copy(good_export, tmp_path / "exp")
     if edit == "group_size":
-        _json_edit(e / "config.json", lambda c: (c["quantization_config"]["config_groups"]["group_0"]["weights"]
-                                                 .__setitem__("group_size", 64), c)[1])
+        _json_edit(
+            e / "config.json",
+            lambda c: (
+                c["quantization_config"]["config_groups"]["group_0"]["weights"].__setitem__("group_size", 64),
+                c,
+            )[1],
+        )
     else:
         n = "model.layers.0.mlp.experts.0.up_proj.weight_shape"
         _rewrite(e, n, lambda t: t.__setitem__(n, torch.tensor([128, 64])))
@@ -224,8 +241,9 @@ def test_edited_export_fails_verification_without_a_crash(src, good_export, tmp_
 
 
 # ------------------------------------------------------------------ item 7: numeric flags
-@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-1"), ("--serving-tp", "0"),
-                                         ("--group-size", "-32")])
+@pytest.mark.parametrize(
+    "flag, value", [("--workers", "0"), ("--workers", "-1"), ("--serving-tp", "0"), ("--group-size", "-32")]
+)
 def test_nonpositive_numbers_are_refused(src, tmp_path, capsys, flag, value):
     with pytest.raises(SystemExit) as ei:
         export_tool.main(["--input", str(src), "--output", str(tmp_path / "out"), *ARGS, flag, value])
@@ -238,22 +256,25 @@ def _fs_case(kind: str, parent: Path) -> tuple[list[str], str] | None:
     """(command prefix that makes ``parent`` unwritable in the way ``kind`` says, expected errno name),
     or None when this machine cannot set it up."""
     if kind == "EFBIG":
-        return ["bash", "-c", 'ulimit -f 64 && exec "$@"', "_"], "EFBIG"          # 64 KiB file-size limit
+        return ["bash", "-c", 'ulimit -f 64 && exec "$@"', "_"], "EFBIG"  # 64 KiB file-size limit
     if kind in ("EROFS", "ENOSPC"):
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             return None
-        mnt = ("mount --bind \"$D\" \"$D\" && mount -o remount,bind,ro \"$D\"" if kind == "EROFS"
-               else "mount -t tmpfs -o size=64k tmpfs \"$D\"")
+        mnt = (
+            'mount --bind "$D" "$D" && mount -o remount,bind,ro "$D"'
+            if kind == "EROFS"
+            else 'mount -t tmpfs -o size=64k tmpfs "$D"'
+        )
         probe = subprocess.run(["unshare", "-m", "sh", "-c", f"D={parent}; {mnt}"], capture_output=True)
         if probe.returncode:
             return None
         return ["unshare", "-m", "sh", "-c", f'D={parent}; {mnt} && exec "$@"', "_"], kind
     if kind == "EACCES/EPERM":
         if os.geteuid() != 0:
-            parent.chmod(0o555)                                   # no write permission: EACCES
+            parent.chmod(0o555)  # no write permission: EACCES
             return [], "EACCES"
         if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(parent)]).returncode:
-            return None                                           # root ignores modes: immutable dir
+            return None  # root ignores modes: immutable dir
         return [], "EPERM"
     raise ValueError(kind)
 
@@ -267,10 +288,22 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(src, tmp_path, kind):
         pytest.skip(f"cannot make a {kind} filesystem here (needs root and mount namespaces)")
     prefix, errno_name = case
     try:
-        p = subprocess.run(prefix + [sys.executable, str(REPO / "tools" / "export.py"), "--input", str(src),
-                                     "--output", str(parent / "int4"), *ARGS],
-                           capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+        p = subprocess.run(
+            prefix
+            + [
+                sys.executable,
+                str(REPO / "tools" / "export.py"),
+                "--input",
+                str(src),
+                "--output",
+                str(parent / "int4"),
+                *ARGS,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        )
     finally:
         if kind == "EACCES/EPERM":
             subprocess.run(["chattr", "-i", str(parent)], capture_output=True)
@@ -279,7 +312,7 @@ def test_unwritable_output_is_one_line_and_leaves_nothing(src, tmp_path, kind):
     assert p.returncode == 2 and len(err) == 1, p.stderr
     assert err[0].startswith("export: error: ") and f"({errno_name})" in err[0] and str(parent) in err[0]
     assert "fix:" in err[0] and "Traceback" not in p.stderr
-    assert os.listdir(parent) == []                               # nothing partial left
+    assert os.listdir(parent) == []  # nothing partial left
 
 
 # ------------------------------------------------------------------ the same check on training import

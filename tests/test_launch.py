@@ -2,7 +2,6 @@
 import importlib.util
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml

@@ -27,3 +27,15 @@ def test_readme_states_the_two_commands():
     assert "make demo" in readme and "make test" in readme
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert re.search(r"^make test\b", ci, re.M), ".ci/run must call the README's test command"
+
+
+def test_project_files_stand_alone():
+    """The repository cites no machine path (e.g. a shared folder outside it): what it relies on
+    lives in docs/."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    texts = {f: open(os.path.join(ROOT, f), errors="replace").read() for f in files
+             if f.endswith((".py", ".md", ".yaml", ".toml", ".txt", "Makefile", ".json"))}
+    needles = ("/" + "work/", ".." + "/shared")      # split so that this file does not match itself
+    bad = [f for f, t in texts.items() if any(n in t for n in needles)]
+    assert texts and bad == [], bad

@@ -1,7 +1,5 @@
 """int4_qat.recipe: every recipe in recipes/ loads; bad recipes fail with the file, key and fix."""
-import copy
 import glob
-import os
 from pathlib import Path
 
 import pytest
@@ -71,40 +69,71 @@ def test_defaults_filled():
     assert Recipe.from_dict(d).quant.scheme().served == "exact"
 
 
-@pytest.mark.parametrize("mutate, match", [
-    # unknown key: file, dotted key, allowed keys
-    (lambda d: d["parallel"].update(tensor_parallel=2),
-     r"bad\.yaml: parallel\.tensor_parallel: unknown key \(allowed: tp, pp, ep, etp, dp,"),
-    (lambda d: d.update(optimizer={"lr": 1}), r"bad\.yaml: optimizer: unknown key \(allowed: name, model,"),
-    # wrong types (ints and bools are strict)
-    (lambda d: d["parallel"].update(tp="4"), r"bad\.yaml: parallel\.tp: Input should be a valid integer \(got '4'\)"),
-    (lambda d: d["train"].update(steps=4.5), r"bad\.yaml: train\.steps: Input should be a valid integer"),
-    (lambda d: d["parallel"].update(sequence_parallel="yes"), r"parallel\.sequence_parallel: Input should be a valid boolean"),
-    (lambda d: d["train"].update(data="corpus.txt"), r"train\.data: Input should be a valid list"),
-    # bad enums name the allowed values
-    (lambda d: d["quant"].update(format="int5"),
-     r"bad\.yaml: quant\.format: Input should be 'int4', 'mxfp4' or 'nvfp4' \(got 'int5'\)"),
-    (lambda d: d["quant"].update(scope="attention"), r"quant\.scope: Input should be 'experts' or 'all-linear'"),
-    (lambda d: d["quant"].update(scale_rule="amax/8"), r"quant\.scale_rule: Input should be 'amax/7' or 'amax/7.5'"),
-    (lambda d: d["train"].update(precision="fp16"), r"train\.precision: Input should be 'bf16' or 'fp32'"),
-    (lambda d: d["export"].update(formats=["int4", "fp8"]), r"export\.formats\.1: Input should be 'int4', 'mxfp4' or 'nvfp4'"),
-    # missing and out-of-range values
-    (lambda d: d["train"].pop("lr"), r"bad\.yaml: train\.lr: required key is missing"),
-    (lambda d: d["parallel"].update(tp=0), r"parallel\.tp: Input should be greater than or equal to 1"),
-    # format rules and cross-field rules
-    (lambda d: d["quant"].update(format="mxfp4", group_size=128, scale_rule=None),
-     r"quant\.group_size: mxfp4 has a fixed block of 32, got 128"),
-    (lambda d: d["quant"].update(format="nvfp4", group_size=None),
-     r"quant\.scale_rule: only int4 takes a scale rule"),
-    (lambda d: d["quant"].update(format="mxfp4", group_size=None, scale_rule=None, served="exact"),
-     r"quant\.served: only int4 takes a served rule"),
-    (lambda d: d["quant"].update(served="fp32"), r"quant\.served: Input should be 'bf16' or 'exact'"),
-    (lambda d: d["train"].update(micro_batch=3), r"train\.global_batch \(8\) must be a multiple of train\.micro_batch \(3\)"),
-    (lambda d: d["export"].update(serving_tp=4, serving_ep=3), r"export\.serving_ep \(3\) must divide export\.serving_tp \(4\)"),
-    (lambda d: d["parallel"].update(first_stage_layers=1), r"parallel\.first_stage_layers .* need pp > 1"),
-    (lambda d: d.update(name="Tiny MoE"), r"name 'Tiny MoE': use lower-case letters"),
-    (lambda d: d["slurm"].update(time="two days"), r"slurm\.time: String should match pattern"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        # unknown key: file, dotted key, allowed keys
+        (
+            lambda d: d["parallel"].update(tensor_parallel=2),
+            r"bad\.yaml: parallel\.tensor_parallel: unknown key \(allowed: tp, pp, ep, etp, dp,",
+        ),
+        (lambda d: d.update(optimizer={"lr": 1}), r"bad\.yaml: optimizer: unknown key \(allowed: name, model,"),
+        # wrong types (ints and bools are strict)
+        (
+            lambda d: d["parallel"].update(tp="4"),
+            r"bad\.yaml: parallel\.tp: Input should be a valid integer \(got '4'\)",
+        ),
+        (lambda d: d["train"].update(steps=4.5), r"bad\.yaml: train\.steps: Input should be a valid integer"),
+        (
+            lambda d: d["parallel"].update(sequence_parallel="yes"),
+            r"parallel\.sequence_parallel: Input should be a valid boolean",
+        ),
+        (lambda d: d["train"].update(data="corpus.txt"), r"train\.data: Input should be a valid list"),
+        # bad enums name the allowed values
+        (
+            lambda d: d["quant"].update(format="int5"),
+            r"bad\.yaml: quant\.format: Input should be 'int4', 'mxfp4' or 'nvfp4' \(got 'int5'\)",
+        ),
+        (lambda d: d["quant"].update(scope="attention"), r"quant\.scope: Input should be 'experts' or 'all-linear'"),
+        (
+            lambda d: d["quant"].update(scale_rule="amax/8"),
+            r"quant\.scale_rule: Input should be 'amax/7' or 'amax/7.5'",
+        ),
+        (lambda d: d["train"].update(precision="fp16"), r"train\.precision: Input should be 'bf16' or 'fp32'"),
+        (
+            lambda d: d["export"].update(formats=["int4", "fp8"]),
+            r"export\.formats\.1: Input should be 'int4', 'mxfp4' or 'nvfp4'",
+        ),
+        # missing and out-of-range values
+        (lambda d: d["train"].pop("lr"), r"bad\.yaml: train\.lr: required key is missing"),
+        (lambda d: d["parallel"].update(tp=0), r"parallel\.tp: Input should be greater than or equal to 1"),
+        # format rules and cross-field rules
+        (
+            lambda d: d["quant"].update(format="mxfp4", group_size=128, scale_rule=None),
+            r"quant\.group_size: mxfp4 has a fixed block of 32, got 128",
+        ),
+        (
+            lambda d: d["quant"].update(format="nvfp4", group_size=None),
+            r"quant\.scale_rule: only int4 takes a scale rule",
+        ),
+        (
+            lambda d: d["quant"].update(format="mxfp4", group_size=None, scale_rule=None, served="exact"),
+            r"quant\.served: only int4 takes a served rule",
+        ),
+        (lambda d: d["quant"].update(served="fp32"), r"quant\.served: Input should be 'bf16' or 'exact'"),
+        (
+            lambda d: d["train"].update(micro_batch=3),
+            r"train\.global_batch \(8\) must be a multiple of train\.micro_batch \(3\)",
+        ),
+        (
+            lambda d: d["export"].update(serving_tp=4, serving_ep=3),
+            r"export\.serving_ep \(3\) must divide export\.serving_tp \(4\)",
+        ),
+        (lambda d: d["parallel"].update(first_stage_layers=1), r"parallel\.first_stage_layers .* need pp > 1"),
+        (lambda d: d.update(name="Tiny MoE"), r"name 'Tiny MoE': use lower-case letters"),
+        (lambda d: d["slurm"].update(time="two days"), r"slurm\.time: String should match pattern"),
+    ],
+)
 def test_invalid_recipe_messages(tmp_path, mutate, match):
     d = _tiny()
     mutate(d)
@@ -115,11 +144,11 @@ def test_invalid_recipe_messages(tmp_path, mutate, match):
 
 def test_yaml_1_1_quirks(tmp_path):
     p = tmp_path / "tiny-moe.yaml"
-    text = TINY.read_text().replace("lr: 1.0e-3", "lr: 1e-3")          # PyYAML: a string
+    text = TINY.read_text().replace("lr: 1.0e-3", "lr: 1e-3")  # PyYAML: a string
     p.write_text(text)
     assert Recipe.load(p).train.lr == 1e-3
     p.write_text(text.replace('slurm: {time: "00:30:00"}', "slurm: {time: 72:00:00}"))
-    with pytest.raises(RecipeError, match=r'slurm\.time: got the number 259200; quote the time'):
+    with pytest.raises(RecipeError, match=r"slurm\.time: got the number 259200; quote the time"):
         Recipe.load(p)
 
 
@@ -157,18 +186,23 @@ def test_missing_model_config_names_key(tmp_path):
 def test_enums_mirror_the_library():
     from int4_qat.formats import QuantFormat
     from int4_qat.scheme import Scope
+
     assert {f.value for f in QuantFormatName} == {f.value for f in QuantFormat}
     assert {s.value for s in QuantScope} == {s.value for s in Scope}
 
 
-@pytest.mark.parametrize("quant", [
-    {"format": "int4", "group_size": 64, "scope": "all-linear", "scale_rule": "amax/7.5"},
-    {"format": "mxfp4"},
-    {"format": "nvfp4", "scope": "experts"},
-])
+@pytest.mark.parametrize(
+    "quant",
+    [
+        {"format": "int4", "group_size": 64, "scope": "all-linear", "scale_rule": "amax/7.5"},
+        {"format": "mxfp4"},
+        {"format": "nvfp4", "scope": "experts"},
+    ],
+)
 def test_scheme_from_quant_section(quant):
     from int4_qat.formats import QuantFormat
     from int4_qat.scheme import QuantScheme, Scope
+
     d = _tiny()
     d["quant"] = quant
     r = Recipe.from_dict(d)
@@ -182,6 +216,7 @@ def test_scheme_from_quant_section(quant):
 
 def test_system_data_expands_to_the_corpus():
     from int4_qat.data import system_corpus_paths
+
     r = Recipe.load(TINY)
     paths = r.train.data_paths()
     assert paths == [Path(p) for p in system_corpus_paths()] and len(paths) > 0

@@ -26,7 +26,9 @@ def test_defaults_per_format():
     a = QuantScheme(format="int4", scope="all-linear")
     b = QuantScheme(format=QuantFormat.INT4, scope=Scope.ALL_LINEAR, group_size=128)
     assert a == b and hash(a) == hash(b)
-    with pytest.raises(Exception):  # frozen
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.group_size = 32
 
 

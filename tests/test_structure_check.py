@@ -83,7 +83,7 @@ def test_shipped_recipes_build_at_their_layouts():
     holding the layers and the expert shards its layout promises (``make check-recipes``)."""
     paths = sorted(str(p) for p in (REPO_ROOT / "recipes").glob("*.yaml"))
     reports = run_checks(paths)
-    for path, rep in reports.items():
+    for _path, rep in reports.items():
         assert rep.problems == [], rep.problems
         assert rep.stages
     q235 = reports[str(REPO_ROOT / "recipes" / "qwen3-235b-a22b-int4.yaml")]

@@ -63,7 +63,7 @@ def test_tp2_ep2_matches_single_process_and_reloads(hf_init, corpus, references,
     from int4_qat.checkpoint import load_model_for_export
 
     results = _launch(TP_EP, FORMATS, hf_init, corpus, tmp_path, logits=True, save=True)
-    for (fmt, scope), got in zip(FORMATS, results):
+    for (fmt, _scope), got in zip(FORMATS, results, strict=True):
         ref = references[fmt]
         assert got["logits"].shape == ref["logits"].shape == (2, 32, 320)
         diff = (got["logits"] - ref["logits"]).abs().max().item()

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -196,7 +195,8 @@ def test_ep2_moe_matches_ep1_and_reshards_for_export(tmp_path, corpus):
 
     class _T:  # the shape gathered_fake_quant expects
         pass
-    t = _T(); t.model, t.arch = model, arch
+    t = _T()
+    t.model, t.arch = model, arch
     loaded = W.gathered_fake_quant(t)
     for k, v in got["fq_after"].items():
         assert torch.equal(loaded[k], v), k

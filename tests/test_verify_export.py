@@ -38,8 +38,14 @@ def test_export_verifies_exactly(tiny, tmp_path, model, fmt, kw):
     assert report.max_logit_diff == 0.0
     by = {c.name: c for c in report.checks}
     packed = by["packed (transformers gpt-oss)" if model == "gpt_oss" else "packed (compressed-tensors)"]
-    assert packed.count == {"qwen3_moe": 48, "deepseek_v3": 48 + 3 + 6 + 3 * 5 if "scope" in kw else 48,  # + dense MLP, shared, MLA
-                            "gpt_oss": 4}[model]
+    assert (
+        packed.count
+        == {
+            "qwen3_moe": 48,
+            "deepseek_v3": 48 + 3 + 6 + 3 * 5 if "scope" in kw else 48,  # + dense MLP, shared, MLA
+            "gpt_oss": 4,
+        }[model]
+    )
 
 
 def _rewrite_export(out, name, fn):
@@ -69,7 +75,11 @@ def _fresh(int4_export, tmp_path):
 def test_flipped_nibble_is_caught(tiny, int4_export, tmp_path):
     d = _fresh(int4_export, tmp_path)
     m = "model.layers.0.mlp.experts.2.up_proj"
-    _rewrite_export(d, f"{m}.weight_packed", lambda t: t[f"{m}.weight_packed"].__setitem__((3, 1), t[f"{m}.weight_packed"][3, 1] ^ 0x10))
+    _rewrite_export(
+        d,
+        f"{m}.weight_packed",
+        lambda t: t[f"{m}.weight_packed"].__setitem__((3, 1), t[f"{m}.weight_packed"][3, 1] ^ 0x10),
+    )
     r = verify_export(tiny["qwen3_moe"], d, logits=False)
     assert not r.ok
     bad = {c.name: c.failures for c in r.checks if not c.ok}

@@ -220,7 +220,6 @@ def qat_steps(device: str, corpus: str, out: Path, steps: int) -> list[dict]:
 
 def verify_export(ckpt: str, export_dir: str) -> dict:
     """(subprocess, CPU) tools/export.py on the checkpoint, then train-infer consistency."""
-    import torch
 
     from int4_qat.checkpoint import load_model_for_export
     from int4_qat.export.consistency import train_infer_consistency
@@ -266,16 +265,27 @@ def main(argv=None) -> int:
     summary = {"env": env_report(device), "dry_run": a.dry_run}
     print(f"[gpu_check] {summary['env']}", flush=True)
     summary["fake_quant_parity"] = fake_quant_parity(device)
-    print(f"[gpu_check] fake quant parity: {sum(r['fake_quant_equal'] and r['quantize_equal'] for r in summary['fake_quant_parity'])}"
-          f"/{len(summary['fake_quant_parity'])} equal ({time.time() - t0:.0f} s)", flush=True)
+    print(
+        "[gpu_check] fake quant parity: "
+        f"{sum(r['fake_quant_equal'] and r['quantize_equal'] for r in summary['fake_quant_parity'])}"
+        f"/{len(summary['fake_quant_parity'])} equal ({time.time() - t0:.0f} s)",
+        flush=True,
+    )
     summary["qat"] = qat_steps(device, _corpus(out), out, a.steps)
     for r in summary["qat"]:
-        print(f"[gpu_check] QAT {r['format']} g{r['group']}: losses {r['losses']} step {r['step_ms']} ms "
-              f"syncs in quantizers: {r.get('quantizer_syncs', 'n/a')}", flush=True)
+        print(
+            f"[gpu_check] QAT {r['format']} g{r['group']}: losses {r['losses']} step {r['step_ms']} ms "
+            f"syncs in quantizers: {r.get('quantizer_syncs', 'n/a')}",
+            flush=True,
+        )
     ckpt = next(r["checkpoint"] for r in summary["qat"] if "checkpoint" in r)
-    p = subprocess.run([sys.executable, __file__, "--verify-export", ckpt, str(out / "export-int4")],
-                       cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    p = subprocess.run(
+        [sys.executable, __file__, "--verify-export", ckpt, str(out / "export-int4")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("{")), None)
     summary["export"] = json.loads(line) if line else {"ok": False, "error": p.stderr[-2000:]}
     print(f"[gpu_check] export + verify: {summary['export']}", flush=True)
@@ -287,12 +297,19 @@ def main(argv=None) -> int:
     }
     summary["checks"], summary["seconds"] = checks, round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    md = [f"# gpu_check ({'CPU dry run' if a.dry_run else summary['env'].get('gpu')}, {summary['seconds']} s)", "",
-          "| check | result |", "|---|---|"]
+    md = [
+        f"# gpu_check ({'CPU dry run' if a.dry_run else summary['env'].get('gpu')}, {summary['seconds']} s)",
+        "",
+        "| check | result |",
+        "|---|---|",
+    ]
     md += [f"| {k} | {'n/a (dry run)' if v is None else ('PASS' if v else 'FAIL')} |" for k, v in checks.items()]
     md += ["", "| format | group | rule | losses | step ms | quantizer syncs |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['format']} | {r['group']} | {r['rule']} | {r['losses']} | {r['step_ms']} | "
-           f"{r.get('quantizer_syncs', 'n/a')} |" for r in summary["qat"]]
+    md += [
+        f"| {r['format']} | {r['group']} | {r['rule']} | {r['losses']} | {r['step_ms']} | "
+        f"{r.get('quantizer_syncs', 'n/a')} |"
+        for r in summary["qat"]
+    ]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0 if all(v is not False for v in checks.values()) else 1

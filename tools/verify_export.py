@@ -23,7 +23,9 @@ from int4_qat.cli import add_debug_flag, cli_main, positive_float  # noqa: E402 
 
 @cli_main("verify_export")
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--reference", required=True, help="the HF BF16 checkpoint the export was made from")
     p.add_argument("--export", required=True, help="the export dir (tools/export.py output)")
     g = p.add_mutually_exclusive_group()

@@ -102,11 +102,11 @@ def expected_hf_tensors(arch: Arch) -> ExpectedTensors:
         experts: Iterable = range(s.num_experts) if rule.is_expert else [None]
         for layer in rule_layers(rule, arch):
             if rule.stacked:
-                for name, shp in zip(rule.hf_names(layer, None), shapes):
+                for name, shp in zip(rule.hf_names(layer, None), shapes, strict=True):
                     required[name] = (s.num_experts, *shp)
                 continue
             for expert in experts:
-                for name, shp in zip(rule.hf_names(layer, expert), shapes):
+                for name, shp in zip(rule.hf_names(layer, expert), shapes, strict=True):
                     required[name] = shp
     optional = [re.compile(p) for p in arch.definition.ignore_hf]
     if s.extra_layers:

@@ -297,7 +297,7 @@ def _slots(model, arch: Arch) -> list[_Slot]:
     named = list(model.named_parameters()) + list(model.named_buffers())
     slots, unmapped = [], []
     for name, tensor in named:
-        for rx, rule in patterns:
+        for rx, rule in patterns:  # noqa: B007 - the matching rule is used after the loop
             m = rx.match(name)
             if m:
                 break
@@ -360,7 +360,7 @@ def import_hf_checkpoint(model, arch: Arch, hf_dir: str | os.PathLike) -> dict:
             hf = [reader.get(n, s.expert if s.rule.stacked else None) for n in names]
             n_read += len(hf)
             where = ", ".join(f"{n} {tuple(t.shape)} in {reader.file_of(n).name}"
-                              for n, t in zip(names, hf))
+                              for n, t in zip(names, hf, strict=True))
             try:
                 full = s.rule.combine(arch, hf)
                 rank, size = (etp_rank, etp) if s.rule.is_expert else (tp_rank, tp)
@@ -403,7 +403,7 @@ def _stage_items(slots: list[_Slot], arch: Arch) -> Iterator[list[tuple[str, tor
                 expert = r * per_rank + s.local_expert
                 names = s.rule.hf_names(s.layer, expert)
                 if not s.rule.stacked:
-                    yield list(zip(names, s.rule.separate(arch, t)))
+                    yield list(zip(names, s.rule.separate(arch, t), strict=True))
                     continue
                 # (added for gpt_oss.py) stacked rule: yield once the layer's last expert arrives.
                 got = stacks.setdefault((id(s.rule), s.layer), {})
@@ -414,7 +414,7 @@ def _stage_items(slots: list[_Slot], arch: Arch) -> Iterator[list[tuple[str, tor
                            for i, n in enumerate(names)]
         else:
             full = unshard(_all_gather(s.tensor, ps.get_tensor_model_parallel_group(), tp), s.rule.split)
-            yield list(zip(s.rule.hf_names(s.layer), s.rule.separate(arch, full)))
+            yield list(zip(s.rule.hf_names(s.layer), s.rule.separate(arch, full), strict=True))
 
 
 def export_hf_state_dict(model, arch: Arch, *, dtype: Optional[torch.dtype] = None

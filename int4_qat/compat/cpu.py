@@ -53,9 +53,9 @@ at the end.
 from __future__ import annotations
 
 import contextlib
+import math as _math
 import copy
 import datetime
-import functools
 import importlib
 import os
 import socket
@@ -64,6 +64,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.module import MegatronModule as _MegatronModule
 
 __all__ = [
     "activate",
@@ -201,7 +202,7 @@ def _sp_torch_norm(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False,
     norm = _ORIGINALS["torch_norm_new"](cls, config, hidden_size, eps, persist_layer_norm,
                                         zero_centered_gamma, normalization)
     for p in norm.parameters():
-        setattr(p, "sequence_parallel", sp)
+        p.sequence_parallel = sp
     return norm
 
 
@@ -326,10 +327,6 @@ def destroy_model_parallel() -> None:
 # use_cpu_initialization, multi_latent_attention.py:131 / yarn_rotary_pos_embedding.py:76,120-126;
 # TopKRouter's expert_bias, moe/router.py:163-181) are covered by shim 1.
 # Shims a and c are correct in any process without TE / with one rank, so deactivate() keeps them.
-import math as _math
-
-from megatron.core.transformer.module import MegatronModule as _MegatronModule
-
 __all__ += ["install_mla_gpt_oss_shims", "use_local_core_attention", "LocalCoreAttention"]
 
 

@@ -215,7 +215,7 @@ class LlamaCppEvaluator:
                                     self._bench_tokens, rounds=self.bench_rounds,
                                     threads=self.threads, prompt_tokens=self.prompt_tokens,
                                     decode_tokens=self.decode_tokens)
-        for d, (_, f) in zip(runs, picks):
+        for d, (_, f) in zip(runs, picks, strict=True):
             d.update(file=os.path.basename(f.path), bytes=f.bytes,
                      active_weight_bytes=f.active_weight_bytes)
         return runs
@@ -286,7 +286,7 @@ def measure_tokens_per_s(files: Sequence[tuple[str, str, str]], windows: torch.T
         for m in models:
             m.close()
     out = []
-    for (label, kind, path), run in zip(files, runs):
+    for (label, kind, path), run in zip(files, runs, strict=True):
         d: dict[str, Any] = {"row": label, "type": kind, "path": str(path), "rounds": rounds,
                              "threads": threads, "pp_tokens": int(windows.shape[1]),
                              "pp_windows": int(windows.shape[0]), "prompt_tokens": len(prompt),
@@ -295,7 +295,7 @@ def measure_tokens_per_s(files: Sequence[tuple[str, str, str]], windows: torch.T
             d[k] = _median(xs)
             d[f"{k}_range"] = [min(xs), max(xs)]
         for k in ("pp_cpu", "tg_cpu"):          # the ratio per round (side by side), then the median
-            d[f"{k}_vs_ref"] = _median([a / b for a, b in zip(run[k], runs[0][k])])
+            d[f"{k}_vs_ref"] = _median([a / b for a, b in zip(run[k], runs[0][k], strict=True)])
         out.append(d)
     return out
 
@@ -429,8 +429,8 @@ def plot_tokens_per_s(path: str | os.PathLike, bench: Sequence[dict[str, Any]]) 
     for ax, k, title in ((axes[0], "pp", f"prompt processing ({bench[0]['pp_tokens']}-token windows)"),
                          (axes[1], "tg", "decode (one token per call)")):
         med = [d[f"{k}_cpu"] for d in bench]
-        lo = [m - d[f"{k}_cpu_range"][0] for m, d in zip(med, bench)]
-        hi = [d[f"{k}_cpu_range"][1] - m for m, d in zip(med, bench)]
+        lo = [m - d[f"{k}_cpu_range"][0] for m, d in zip(med, bench, strict=True)]
+        hi = [d[f"{k}_cpu_range"][1] - m for m, d in zip(med, bench, strict=True)]
         bars = ax.bar(range(len(bench)), med, yerr=[lo, hi], capsize=4,
                       color=[f"C{i}" for i in range(len(bench))], label="per CPU-second (median, min–max)")
         ax.bar_label(bars, fmt="%.0f", fontsize=7, label_type="center")

@@ -185,7 +185,7 @@ def text_table(heads: Sequence[str], body: Sequence[Sequence[str]], markdown: bo
 
     def line(cells):
         return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     out = [line(heads), "  ".join("-" * w for w in widths)]
     out += [line(c) for c in body]
     return "\n".join(out)
@@ -294,7 +294,7 @@ def plot_loss_curves(path: str | os.PathLike, curves: Sequence[Curve],
         ax.plot(c.steps, _moving_average(c.losses, smooth), color=color, linewidth=1.4,
                 label=f"{c.label} (train, MA{smooth})")
         if c.eval:
-            es, el = zip(*c.eval)
+            es, el = zip(*c.eval, strict=True)
             ax.plot(es, el, "o", color=color, markersize=4, markeredgecolor="k", markeredgewidth=0.4)
     if ptq_levels and cont:
         x0, x1 = min(c.steps[0] for c in cont), max(c.steps[-1] for c in cont)
@@ -308,7 +308,7 @@ def plot_loss_curves(path: str | os.PathLike, curves: Sequence[Curve],
         for i, c in enumerate(curves):
             if c is ref or c not in cont or c.steps != ref.steps:
                 continue
-            diff = [a - b for a, b in zip(c.losses, ref.losses)]
+            diff = [a - b for a, b in zip(c.losses, ref.losses, strict=True)]
             axd.plot(c.steps, _moving_average(diff, 4 * smooth), color=f"C{i}", linewidth=1.4,
                      label=f"{c.label} − {ref.label}")
         axd.axhline(0.0, color="k", linewidth=0.8)
@@ -364,7 +364,7 @@ def plot_eval_bars(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
         bars = axd.bar([x for x, _ in cells], [r.delta_vs_bf16 for _, r in cells],
                        width=width * 0.95, color=f"C{j}", yerr=err, capsize=3,
                        error_kw={"elinewidth": 0.9})
-        for b, (_, r) in zip(bars, cells):
+        for b, (_, r) in zip(bars, cells, strict=True):
             if r.significant is False:
                 b.set_alpha(0.45)
                 b.set_hatch("//")

@@ -259,7 +259,7 @@ def convert(plan: TensorPlan, tensor: torch.Tensor, scheme, siblings: list[torch
         q = scheme.quantize(w, plan.source)
         blocks, scales = fmt.pack_gpt_oss(q)
         return [blocks, scales]
-    for sib_name, sib in zip(plan.siblings, siblings or []):
+    for sib_name, sib in zip(plan.siblings, siblings or [], strict=False):
         _finite(sib_name, sib)
     packed = quantize_pack(scheme, tensor, plan.module, siblings)
     out = []
@@ -274,7 +274,8 @@ def convert(plan: TensorPlan, tensor: torch.Tensor, scheme, siblings: list[torch
     return out
 
 
-def chunk_rows(plan: TensorPlan, shape: tuple[int, ...], elem_bytes: int, max_bytes: int) -> list[tuple[int, int]] | None:
+def chunk_rows(plan: TensorPlan, shape: tuple[int, ...], elem_bytes: int,
+               max_bytes: int) -> list[tuple[int, int]] | None:
     """Row ranges of dim 0 so each chunk's input is ≤ ``max_bytes``; ``None`` = whole tensor."""
     if not plan.split_dim0 or not shape:
         return None

@@ -143,15 +143,18 @@ class DistCheckpointReader:
             raise ValueError(f"{self.dir}: checkpoint has no tensor {key}")
         offsets = tuple(offsets) if offsets is not None else (0,) * len(tm.shape)
         sizes = tuple(sizes) if sizes is not None else tm.shape
-        if len(offsets) != len(tm.shape) or any(o < 0 or o + s > d for o, s, d in zip(offsets, sizes, tm.shape)):
+        if len(offsets) != len(tm.shape) or any(o < 0 or o + s > d
+                                                for o, s, d in zip(offsets, sizes, tm.shape, strict=True)):
             raise ValueError(f"{self.dir}: box {offsets}+{sizes} is outside {key} {list(tm.shape)}")
         md = self._md.state_dict_metadata[key]
         planner = _BoxPlanner(key, md, offsets, sizes)
         plan = planner.create_local_plan()
         covered = sum(math.prod(it.lengths) for it in plan.items)
         if covered != math.prod(sizes):
-            raise ValueError(f"{self.dir}: the stored chunks of {key} do not cover box {offsets}+{sizes} "
-                             f"({covered} of {math.prod(sizes)} elements): the checkpoint is incomplete")
+            raise ValueError(
+                f"{self.dir}: the stored chunks of {key} do not cover box {offsets}+{sizes} "
+                f"({covered} of {math.prod(sizes)} elements): the checkpoint is incomplete"
+            )
         try:
             if len(plan.items) == 1 and self._whole_chunk(plan.items[0], sizes):
                 return self._load_chunk(plan.items[0].storage_index, tm)
@@ -160,14 +163,14 @@ class DistCheckpointReader:
         except ValueError:
             raise
         except Exception as e:  # torch.load / zip errors of a damaged or truncated .distcp file
-            raise ValueError(f"{self._file_of(key)}: cannot read checkpoint tensor {key} "
-                             f"({type(e).__name__}: {e})") from None
+            raise ValueError(
+                f"{self._file_of(key)}: cannot read checkpoint tensor {key} ({type(e).__name__}: {e})"
+            ) from None
         return planner.dest
 
     def _whole_chunk(self, item, sizes) -> bool:
         info = self._reader.storage_data[item.storage_index]
-        return (not info.transform_descriptors and tuple(item.lengths) == tuple(sizes)
-                and not any(item.storage_offsets))
+        return not info.transform_descriptors and tuple(item.lengths) == tuple(sizes) and not any(item.storage_offsets)
 
     def _load_chunk(self, index: MetadataIndex, tm: TensorMeta) -> torch.Tensor:
         """One stored chunk, as ``torch.load`` returns it (no copy into a second buffer).
@@ -176,8 +179,9 @@ class DistCheckpointReader:
         with open(self.dir / info.relative_path, "rb") as stream:
             t = torch.load(self._reader._slice_file(stream, info), map_location="cpu", weights_only=True)
         if t.dtype != tm.dtype:
-            raise ValueError(f"{self.dir / info.relative_path}: {tm.key} is stored as {t.dtype}, the "
-                             f"metadata says {tm.dtype}")
+            raise ValueError(
+                f"{self.dir / info.relative_path}: {tm.key} is stored as {t.dtype}, the metadata says {tm.dtype}"
+            )
         return t
 
     def _file_of(self, key: str) -> Path:

@@ -205,22 +205,26 @@ def write_gguf(source, output: str, scheme=None, *, tokenizer_dir: str | None = 
     """Write ``source`` (``.config``, ``.tensors()``, ``.read_any(name)``: an HF source) as one GGUF
     file. ``scheme=None`` writes no quantized tensor (the unquantized control). ``float_type``
     (``"f32"``, ``"f16"``, ``"bf16"``) converts the unquantized 2-D weights (rounding, if narrower
-    than the checkpoint); None keeps the checkpoint's dtype. ``reference_dtype``: the dtype the report's fake-quant reference is computed in (None: each
-    tensor's own dtype, right for a training checkpoint, whose parameters are what its forward
-    used)."""
+    than the checkpoint); None keeps the checkpoint's dtype. ``reference_dtype``: the dtype the
+    report's fake-quant reference is computed in (None: each tensor's own dtype, right for a
+    training checkpoint, whose parameters are what its forward used)."""
     import gguf
 
     t0 = time.perf_counter()
     if float_type not in (None, *FLOAT_TYPES):
-        raise ValueError(f"float_type {float_type!r}: choose one of {list(FLOAT_TYPES)} or None (the checkpoint's dtype)")
+        raise ValueError(
+            f"float_type {float_type!r}: choose one of {list(FLOAT_TYPES)} or None (the checkpoint's dtype)"
+        )
     config = source.config
     arch, parts = parse_config(config)
     plan = plan_tensors(source.tensors(), config, scheme)
     quantized = {s for t in plan if t.quantized for s in t.sources}
     if scheme is not None:
         if not quantized:
-            raise ValueError(f"scheme {scheme.describe()} quantizes no tensor of this "
-                             f"{config.get('model_type')} checkpoint; nothing to export as GGUF")
+            raise ValueError(
+                f"scheme {scheme.describe()} quantizes no tensor of this "
+                f"{config.get('model_type')} checkpoint; nothing to export as GGUF"
+            )
         for t in plan:
             if t.quantized:
                 check_layout(scheme, t.sources[0], t.shape)
@@ -273,11 +277,18 @@ def write_gguf(source, output: str, scheme=None, *, tokenizer_dir: str | None = 
                 scale_inv = []
             elif t.quantized:
                 check = TensorCheck(t.name, qtype.name)
-                _stream(w, t.name, _quantized_parts(source, scheme, t, quantized, check, scale_inv,
-                                                         reference_dtype), nbytes, bar)
+                _stream(
+                    w,
+                    t.name,
+                    _quantized_parts(source, scheme, t, quantized, check, scale_inv, reference_dtype),
+                    nbytes,
+                    bar,
+                )
                 if scheme.served == "bf16" and check.mismatched:
-                    check.notes.append("scheme served=bf16 (Marlin): training computed bf16(q*s), "
-                                       "llama.cpp computes q*s exactly; train with quant.served: exact")
+                    check.notes.append(
+                        "scheme served=bf16 (Marlin): training computed bf16(q*s), "
+                        "llama.cpp computes q*s exactly; train with quant.served: exact"
+                    )
                 report.quantized.append(check)
             else:
                 _stream(w, t.name, _float_parts(source, t, qtype), nbytes, bar)
@@ -294,11 +305,17 @@ def write_gguf(source, output: str, scheme=None, *, tokenizer_dir: str | None = 
             bar.close()
     infos = {i.name: i for i in source.tensors()}
     return GGUFExportResult(
-        output=out, scheme=scheme.to_dict() if scheme is not None else None,
-        arch=gguf.MODEL_ARCH_NAMES[arch], vocab=vocab, report=report, tensors=len(entries),
+        output=out,
+        scheme=scheme.to_dict() if scheme is not None else None,
+        arch=gguf.MODEL_ARCH_NAMES[arch],
+        vocab=vocab,
+        report=report,
+        tensors=len(entries),
         quantized=sum(t.quantized for t in plan),
         input_bytes=sum(infos[s].nbytes for t in plan for s in t.sources),
-        output_bytes=os.path.getsize(out), seconds=time.perf_counter() - t0)
+        output_bytes=os.path.getsize(out),
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _add_info(writer, name: str, shape: tuple[int, ...], qtype) -> int:
@@ -310,10 +327,19 @@ def _add_info(writer, name: str, shape: tuple[int, ...], qtype) -> int:
     return nbytes
 
 
-def export_gguf(input_dir: str, output: str, *, fmt: str | None = None, group_size: int | None = None,
-                scope: str | None = None, recipe: str | None = None, quantize: bool = True,
-                float_type: str | None = None, overwrite: bool = False, progress: bool = True
-                ) -> GGUFExportResult:
+def export_gguf(
+    input_dir: str,
+    output: str,
+    *,
+    fmt: str | None = None,
+    group_size: int | None = None,
+    scope: str | None = None,
+    recipe: str | None = None,
+    quantize: bool = True,
+    float_type: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> GGUFExportResult:
     """Export an HF BF16 dir or a training checkpoint dir (``recipe.yaml``) to one GGUF file.
 
     The scheme is resolved as for the compressed-tensors export (a recipe fixes it; flags may only
@@ -347,17 +373,33 @@ def export_gguf(input_dir: str, output: str, *, fmt: str | None = None, group_si
         source, iter_dir, ck_recipe = open_checkpoint_source(input_dir)
         scheme = scheme_for(str(iter_dir))
         tok = ck_recipe.model.tokenizer if ck_recipe is not None else None
-        return write_gguf(source, output, scheme, tokenizer_dir=str(tok) if tok and os.path.isdir(str(tok)) else None,
-                          float_type=float_type, reference_dtype=None,
-                          overwrite=overwrite, progress=progress, source_desc=str(iter_dir))
+        return write_gguf(
+            source,
+            output,
+            scheme,
+            tokenizer_dir=str(tok) if tok and os.path.isdir(str(tok)) else None,
+            float_type=float_type,
+            reference_dtype=None,
+            overwrite=overwrite,
+            progress=progress,
+            source_desc=str(iter_dir),
+        )
     source = open_hf_source(input_dir)
-    return write_gguf(source, output, scheme_for(input_dir), tokenizer_dir=source.root,
-                      float_type=float_type, reference_dtype=torch.float32,
-                      overwrite=overwrite, progress=progress)
+    return write_gguf(
+        source,
+        output,
+        scheme_for(input_dir),
+        tokenizer_dir=source.root,
+        float_type=float_type,
+        reference_dtype=torch.float32,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
-def verify_gguf(path: str, reference, scheme=None, *, reference_dtype: torch.dtype | None = torch.float32
-                ) -> GGUFReport:
+def verify_gguf(
+    path: str, reference, scheme=None, *, reference_dtype: torch.dtype | None = torch.float32
+) -> GGUFReport:
     """Read the GGUF file at ``path`` back with ``gguf.GGUFReader``, decode every tensor with
     ``gguf.quants`` and compare with ``reference`` (an HF dir or source with the weights that were
     exported): quantized tensors against the scheme's fake quant in ``reference_dtype`` (None: the
@@ -377,17 +419,22 @@ def verify_gguf(path: str, reference, scheme=None, *, reference_dtype: torch.dty
         scheme = QuantScheme.from_dict(stored) if stored else None
     plan = plan_tensors(source.tensors(), source.config, scheme)
     have = {t.name: t for t in reader.tensors}
-    want = {t.name for t in plan} | {_scale_name(t.name) for t in plan
-                                    if t.quantized and scheme.format.value == "nvfp4"}
+    want = {t.name for t in plan} | {
+        _scale_name(t.name) for t in plan if t.quantized and scheme.format.value == "nvfp4"
+    }
     if set(have) != want:
-        raise ValueError(f"{path}: tensors differ from the reference: missing {sorted(want - set(have))[:5]}, "
-                         f"extra {sorted(set(have) - want)[:5]}")
+        raise ValueError(
+            f"{path}: tensors differ from the reference: missing {sorted(want - set(have))[:5]}, "
+            f"extra {sorted(set(have) - want)[:5]}"
+        )
     quantized = {s for t in plan if t.quantized for s in t.sources}
     report = GGUFReport()
     for t in plan:
         rt = have[t.name]
         if tuple(int(d) for d in reversed(rt.shape.tolist())) != t.shape:
-            raise ValueError(f"{path}: {t.name} has shape {list(reversed(rt.shape.tolist()))}, expected {list(t.shape)}")
+            raise ValueError(
+                f"{path}: {t.name} has shape {list(reversed(rt.shape.tolist()))}, expected {list(t.shape)}"
+            )
         data = rt.data.reshape(len(t.sources), *rt.data.shape[-2:]) if len(t.sources) > 1 else rt.data
         check = TensorCheck(t.name, rt.tensor_type.name)
         for e, src in enumerate(t.sources):
@@ -400,7 +447,7 @@ def verify_gguf(path: str, reference, scheme=None, *, reference_dtype: torch.dty
                 inv = None
                 if q.global_scale is not None:
                     inv = np.asarray(have[_scale_name(t.name)].data, dtype=np.float32).reshape(-1)
-                    inv = inv[e:e + 1]
+                    inv = inv[e : e + 1]
                 ref = _reference(scheme, w, module, sibs, reference_dtype)
                 check.merge(check_decoded(src, q, np.asarray(part), ref, inv))
             else:

@@ -67,7 +67,7 @@ class LivePieces:
     def _holders(self, slot: Slot) -> tuple[list[int], str]:
         """(the ranks that gather ``slot``, its dtype): the TP / expert-TP group of its lowest holder."""
         key = (slot.rule, slot.layer)
-        for r, d in enumerate(self.directory):
+        for d in self.directory:
             if slot.expert is None and key in d["dense"]:
                 return d["tp"], d["dense"][key]
             if slot.expert is not None and key in d["experts"]:
@@ -108,7 +108,11 @@ class LivePieces:
             full = unshard(_all_gather(self.local[slot], group, size), rule.split)
         shape = tuple(rule.shape(self.arch.shape))
         if dst is None:
-            buf = _wire(full.contiguous()) if self.rank == src else _wire(torch.empty(shape, dtype=dtype, device=self.device))
+            buf = (
+                _wire(full.contiguous())
+                if self.rank == src
+                else _wire(torch.empty(shape, dtype=dtype, device=self.device))
+            )
             dist.broadcast(buf, src=src)
             full = buf.to(dtype)
         elif dst not in group_ranks and self.rank in (src, dst):
@@ -122,7 +126,7 @@ class LivePieces:
         if self.rank != dst and dst is not None:
             return None
         full = full.detach().to("cpu")
-        return full if rows is None else full[rows[0]:rows[1]]
+        return full if rows is None else full[rows[0] : rows[1]]
 
 
 def live_source(model, arch) -> MegatronSource:

@@ -142,22 +142,28 @@ class CheckpointPieces:
                     missing.append(cands[0].keys[0] + (f" (or {alt})" if alt else ""))
                 continue
             if len({p.keys for p in found}) > 1:
-                raise ValueError(f"{where}: checkpoint holds {rule.mcore[0].format(layer=slot.layer, expert=slot.expert)} "
-                                 f"under several names {[p.keys for p in found]}; it was not written by one model")
+                raise ValueError(
+                    f"{where}: checkpoint holds {rule.mcore[0].format(layer=slot.layer, expert=slot.expert)} "
+                    f"under several names {[p.keys for p in found]}; it was not written by one model"
+                )
             piece = found[0]
             self._check_shape(slot, piece)
             self.pieces[slot] = piece
             claimed.update(piece.keys)
         if missing:
-            raise ValueError(f"{where}: checkpoint lacks {len(missing)} tensor(s) that its config.json "
-                             f"({arch.model_type}, {arch.shape.layers} layers, {arch.shape.num_experts} experts) "
-                             f"implies, e.g. {missing[0]}; config.json does not describe this checkpoint")
+            raise ValueError(
+                f"{where}: checkpoint lacks {len(missing)} tensor(s) that its config.json "
+                f"({arch.model_type}, {arch.shape.layers} layers, {arch.shape.num_experts} experts) "
+                f"implies, e.g. {missing[0]}; config.json does not describe this checkpoint"
+            )
         model_keys = {k for k in reader.tensors if not k.startswith("optimizer.")}
         unclaimed = sorted(model_keys - claimed)
         if unclaimed:
-            raise ValueError(f"{where}: checkpoint tensor {unclaimed[0]} {list(reader.tensors[unclaimed[0]].shape)} "
-                             f"matches no {arch.model_type} rule of its config.json ({len(unclaimed)} such "
-                             f"tensor(s)); config.json does not describe this checkpoint")
+            raise ValueError(
+                f"{where}: checkpoint tensor {unclaimed[0]} {list(reader.tensors[unclaimed[0]].shape)} "
+                f"matches no {arch.model_type} rule of its config.json ({len(unclaimed)} such "
+                f"tensor(s)); config.json does not describe this checkpoint"
+            )
         reader.check_files(claimed)
 
     def _check_shape(self, slot: Slot, piece: Piece) -> None:
@@ -170,13 +176,17 @@ class CheckpointPieces:
         for k in piece.keys:
             got = self.reader.tensors[k].shape
             if got != want:
-                raise ValueError(f"{self.reader.dir}: checkpoint tensor {k} has shape {list(got)}, but its "
-                                 f"config.json implies {list(want)} ({self.arch.model_type}); config.json "
-                                 "does not describe this checkpoint")
+                raise ValueError(
+                    f"{self.reader.dir}: checkpoint tensor {k} has shape {list(got)}, but its "
+                    f"config.json implies {list(want)} ({self.arch.model_type}); config.json "
+                    "does not describe this checkpoint"
+                )
         dtypes = {self.reader.tensors[k].dtype for k in piece.keys}
         if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"{self.reader.dir}: checkpoint tensor(s) {list(piece.keys)} have dtype(s) "
-                             f"{sorted(map(str, dtypes))}; model weights must be floating point")
+            raise ValueError(
+                f"{self.reader.dir}: checkpoint tensor(s) {list(piece.keys)} have dtype(s) "
+                f"{sorted(map(str, dtypes))}; model weights must be floating point"
+            )
 
     def __contains__(self, slot: Slot) -> bool:
         return slot in self.pieces
@@ -209,7 +219,7 @@ class CheckpointPieces:
             return r.read(p.keys[0], off, size)[0]
         if len(p.keys) == 2:
             t = torch.cat([r.read(k) for k in p.keys])
-            return t if rows is None else t[rows[0]:rows[1]]
+            return t if rows is None else t[rows[0] : rows[1]]
         if rows is None:
             return r.read(p.keys[0])
         shape = r.tensors[p.keys[0]].shape
@@ -221,15 +231,15 @@ class CheckpointPieces:
 class _Entry:
     rule: int
     layer: int | None
-    expert: int | None      # None for stacked rules (all experts in one HF tensor)
-    index: int              # which of rule.hf
+    expert: int | None  # None for stacked rules (all experts in one HF tensor)
+    index: int  # which of rule.hf
 
 
 class MegatronSource:
     """An HF checkpoint view of Megatron pieces (see the module docstring)."""
 
-    _CACHE = 4   # separated Megatron tensors kept (gate/up, q/k/v partners are read together) ...
-    _CACHE_BYTES = 64 << 20   # ... beyond the newest one, at most this much
+    _CACHE = 4  # separated Megatron tensors kept (gate/up, q/k/v partners are read together) ...
+    _CACHE_BYTES = 64 << 20  # ... beyond the newest one, at most this much
 
     def __init__(self, arch, pieces, root: str, config: dict | None = None):
         from int4_qat.arch import expected_hf_tensors
@@ -249,11 +259,16 @@ class MegatronSource:
                 self._slot_of.setdefault(n, slot)
         expected = expected_hf_tensors(arch)
         if set(self._entries) != set(expected.required):
-            raise RuntimeError(f"{arch.model_type}: the Rule traversal and expected_hf_tensors disagree: "
-                               f"{sorted(set(self._entries) ^ set(expected.required))[:4]}")
-        self._infos = [TensorInfo(n, pieces.dtype(self._slot_of[n]), tuple(expected.required[n]),
-                                  pieces.describe(self._slot_of[n]))
-                       for n in sorted(self._entries)]
+            raise RuntimeError(
+                f"{arch.model_type}: the Rule traversal and expected_hf_tensors disagree: "
+                f"{sorted(set(self._entries) ^ set(expected.required))[:4]}"
+            )
+        self._infos = [
+            TensorInfo(
+                n, pieces.dtype(self._slot_of[n]), tuple(expected.required[n]), pieces.describe(self._slot_of[n])
+            )
+            for n in sorted(self._entries)
+        ]
         problems = expected.problems({t.name: (t.dtype, t.shape) for t in self._infos}, self.root)
         if problems:
             raise ValueError(f"{problems[0]} ({len(problems)} problem(s))")
@@ -299,8 +314,10 @@ class MegatronSource:
         # (a collective source never caches: every rank must take part in every read)
         if rule.to_hf is not None and len(hf) > 1 and not self.collective:
             self._cache[slot] = hf
-            while len(self._cache) > 1 and (len(self._cache) > self._CACHE or sum(
-                    t.untyped_storage().nbytes() for v in self._cache.values() for t in v[:1]) > self._CACHE_BYTES):
+            while len(self._cache) > 1 and (
+                len(self._cache) > self._CACHE
+                or sum(t.untyped_storage().nbytes() for v in self._cache.values() for t in v[:1]) > self._CACHE_BYTES
+            ):
                 self._cache.popitem(last=False)
         return hf
 
@@ -319,7 +336,7 @@ class MegatronSource:
         if hf is None:
             return None
         t = hf[e.index]
-        return t if rows is None else t[rows[0]:rows[1]]
+        return t if rows is None else t[rows[0] : rows[1]]
 
     def read_any(self, name: str, dst: int | None = None):
         if name not in self._by_name:
@@ -340,7 +357,7 @@ class MegatronSource:
             return [None]
         row = info.nbytes // max(n, 1)
         out, start = [], bounds[0]
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in zip(bounds, bounds[1:], strict=False):
             if a > start and (b - start) * row > max_bytes:
                 out.append((start, a))
                 start = a
@@ -363,9 +380,11 @@ def open_checkpoint_source(path: str | os.PathLike, verify: bool = True):
         iters = sorted(x.name for x in p.glob("iter_*") if x.is_dir())
         if iters:
             only_tmp = all(n.endswith(".tmp") for n in iters)
-            raise ValueError(f"checkpoint {p} has no 'latest' file" + (
-                f" and only an interrupted save ({iters[-1]})" if only_tmp else f" (iterations: {iters[-1]} ...)")
-                + "; pass a complete iter_* directory, or let the training save finish")
+            raise ValueError(
+                f"checkpoint {p} has no 'latest' file"
+                + (f" and only an interrupted save ({iters[-1]})" if only_tmp else f" (iterations: {iters[-1]} ...)")
+                + "; pass a complete iter_* directory, or let the training save finish"
+            )
     iter_dir = resolve_checkpoint(p)
     if verify:
         from int4_qat.checkpoint import verify_checkpoint_files
@@ -384,7 +403,7 @@ def open_checkpoint_source(path: str | os.PathLike, verify: bool = True):
         raise ValueError(f"{iter_dir}: neither config.json nor recipe.yaml; cannot tell the architecture")
     pieces = CheckpointPieces(DistCheckpointReader(iter_dir), arch)
     source = MegatronSource(arch, pieces, str(iter_dir))
-    dtypes = source.weight_dtypes()      # config.json torch_dtype: the weights' own dtype
+    dtypes = source.weight_dtypes()  # config.json torch_dtype: the weights' own dtype
     source.config["torch_dtype"] = max(dtypes, key=dtypes.get)
     return source, iter_dir, recipe
 
@@ -394,12 +413,16 @@ def checkpoint_export_meta(source: MegatronSource, iter_dir: Path) -> dict:
     state = {}
     if (iter_dir / "train_state.json").is_file():
         state = json.loads((iter_dir / "train_state.json").read_text())
-    return {"checkpoint": {
-        "iteration": iter_dir.name, "step": state.get("step"),
-        "trained_with_fake_quant": state.get("quantized"),
-        "weights": "model parameters as saved (the tensors the training forward fake-quantized); "
-                   "not the optimizer's fp32 master copies",
-        "weight_dtypes": source.weight_dtypes()}}
+    return {
+        "checkpoint": {
+            "iteration": iter_dir.name,
+            "step": state.get("step"),
+            "trained_with_fake_quant": state.get("quantized"),
+            "weights": "model parameters as saved (the tensors the training forward fake-quantized); "
+            "not the optimizer's fp32 master copies",
+            "weight_dtypes": source.weight_dtypes(),
+        }
+    }
 
 
 def checkpoint_export_args(source: MegatronSource, iter_dir: Path, recipe) -> dict:

@@ -226,7 +226,7 @@ def export_source(source, output_dir: str, scheme, *, serving_tp: int = 1, servi
     err = None
     if out is not None:     # 3. rank 0: side files, the index last, the rename
         try:
-            for name, plans in zip(names, shards):
+            for name, plans in zip(names, shards, strict=True):
                 out.record_shard(name, [s for p in plans for s in p.outputs])
             _write_side_files(out, side_dir or getattr(source, "root", None), config, scheme,
                               source_desc or getattr(source, "root", ""), meta)

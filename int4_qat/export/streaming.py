@@ -127,7 +127,7 @@ def _write_plans(writer: ShardWriter | None, plans: list[cv.TensorPlan], load: _
             continue
         writer.write(plan.outputs[0].name, outs[0])
         if rows is None:
-            for spec, t in zip(plan.outputs[1:], outs[1:]):
+            for spec, t in zip(plan.outputs[1:], outs[1:], strict=True):
                 writer.write(spec.name, t)
         else:  # chunked: stream output 0, hold the (small) others until the last chunk
             held.append(outs[1:])

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 
@@ -273,7 +272,7 @@ def verify_export(reference: str, export: str, *, logits: bool | None = None, ma
         meta.fail(f"config.json quantization_config is not a valid compressed-tensors config: {e}")
         return VerifyReport([structure, meta, names])
     bad_meta = {f.split(":", 1)[0] for f in meta.failures}    # tensor names the metadata check failed
-    for info, plan in zip(infos, plans):
+    for info, plan in zip(infos, plans, strict=True):
         expected.update(s.name for s in plan.outputs)
         missing = [s.name for s in plan.outputs if s.name not in reader]
         if missing:

@@ -10,8 +10,9 @@ GPU-specific traps and what avoids each:
   the magic constant instead, ``(x + 1.5 * 2^23) - 1.5 * 2^23``, exact in IEEE float32 for
   |x| < 2^22 (every rounded quantity here is below 16); LLVM does not reassociate it (no fast-math
   flags). It returns +0.0 for x in (-0.5, 0]; every use adds +0.0 or rounds |x| anyway.
-* bf16 loads are widened on the bits (``<< 16``); bf16 and e4m3 rounding are done on the bits (round to nearest even), not by conversions whose
-  rounding / saturation differs across GPU generations; fp16 outputs use ``.to(tl.float16)``
+* bf16 loads are widened on the bits (``<< 16``); bf16 and e4m3 rounding are done on the bits
+  (round to nearest even), not by conversions whose rounding / saturation differs across GPU
+  generations; fp16 outputs use ``.to(tl.float16)``
   (``cvt.rn.f16.f32``, IEEE RNE with subnormals, as torch's cast).
 * amax is an integer max over the bit patterns of |w| (NaN-safe: NaN sorts above Inf); a
   non-finite group sets a device-side flag (``tl.atomic_max``, no host sync) and serves NaN.
@@ -22,6 +23,7 @@ Compilation: one kernel per (format, dtype, group size, rule), cached on disk by
 Exactness is tested bitwise against the CPU result by the ``gpu``-marked tests in
 tests/test_formats_fused.py.
 """
+
 from __future__ import annotations
 
 import torch
@@ -108,16 +110,30 @@ if triton is not None:
         h = tl.where(h < 0.5, 0.5, h)
         sb = h.to(tl.uint32, bitcast=True) & 0x7F800000
         step = sb.to(tl.float32, bitcast=True)
-        inv = (0x7F000000 - sb).to(tl.float32, bitcast=True)   # 1 / step, exact
+        inv = (0x7F000000 - sb).to(tl.float32, bitcast=True)  # 1 / step, exact
         mag = _rint(a * inv) * step
         sign = src.to(tl.uint32, bitcast=True) & 0x80000000
         return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     # do_not_specialize: one compiled kernel per dtype / group / rule, not per tensor size
     @triton.jit(do_not_specialize=["n_groups"])
-    def _int4_kernel(x_ptr, out_ptr, flag_ptr, n_groups, divisor, floor, zero_scale, smax, qmin, qmax,
-                     RULE: tl.constexpr, SERVED_EXACT: tl.constexpr, OUT_KIND: tl.constexpr,
-                     G: tl.constexpr, ROWS: tl.constexpr):
+    def _int4_kernel(
+        x_ptr,
+        out_ptr,
+        flag_ptr,
+        n_groups,
+        divisor,
+        floor,
+        zero_scale,
+        smax,
+        qmin,
+        qmax,
+        RULE: tl.constexpr,
+        SERVED_EXACT: tl.constexpr,
+        OUT_KIND: tl.constexpr,
+        G: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):
         x, offs, rows, rmask, mbits = _load_groups(x_ptr, tl.program_id(0), n_groups, G, ROWS, OUT_KIND == 0)
         s = tl.div_rn(mbits.to(tl.float32, bitcast=True), divisor)
         if RULE == 0:
@@ -140,10 +156,10 @@ if triton is not None:
         # e = ceil(log2(amax / 6)) from the bits (mxfp4._block_exponents); subnormal amax is
         # scaled by 2^64 (exact) first
         sub = mbits < 0x00800000
-        scaled = tl.where(sub, (mbits.to(tl.float32, bitcast=True) * 18446744073709551616.0)
-                          .to(tl.uint32, bitcast=True), mbits)
-        e = ((scaled >> 23).to(tl.int32) - 129 + ((scaled & 0x7FFFFF) > 0x400000).to(tl.int32)
-             - tl.where(sub, 64, 0))
+        scaled = tl.where(
+            sub, (mbits.to(tl.float32, bitcast=True) * 18446744073709551616.0).to(tl.uint32, bitcast=True), mbits
+        )
+        e = (scaled >> 23).to(tl.int32) - 129 + ((scaled & 0x7FFFFF) > 0x400000).to(tl.int32) - tl.where(sub, 64, 0)
         e = tl.where(mbits == 0, -127, e)
         e = tl.minimum(tl.maximum(e, -127), 127)
         p2 = tl.where(e >= -126, ((e + 127).to(tl.uint32) << 23), 0x00400000).to(tl.float32, bitcast=True)
@@ -161,8 +177,9 @@ if triton is not None:
         return tl.where(s < 0.015625, sub, nrm)
 
     @triton.jit(do_not_specialize=["n_groups", "blocks_per_mat"])
-    def _nvfp4_kernel(x_ptr, out_ptr, flag_ptr, g_ptr, n_groups, blocks_per_mat,
-                      OUT_KIND: tl.constexpr, ROWS: tl.constexpr):
+    def _nvfp4_kernel(
+        x_ptr, out_ptr, flag_ptr, g_ptr, n_groups, blocks_per_mat, OUT_KIND: tl.constexpr, ROWS: tl.constexpr
+    ):
         x, offs, rows, rmask, mbits = _load_groups(x_ptr, tl.program_id(0), n_groups, 16, ROWS, OUT_KIND == 0)
         g = tl.load(g_ptr + rows // blocks_per_mat, mask=rmask, other=1.0)
         s = tl.div_rn(mbits.to(tl.float32, bitcast=True), 6.0) * g
@@ -196,17 +213,31 @@ def fake_quantize(fmt: QuantFormat, x: Tensor, group_size: int, name: str, rule:
 
         served = int4._check_served(rule.get("served", "bf16"), name)
         divisor, rule_id, floor, zero, smax, qmin, qmax = _int4_params(rule.get("scale_rule", "amax/7"), name)
-        _int4_kernel[grid](src, dst, flag, n_groups, divisor, floor, zero, smax, qmin, qmax,
-                           RULE=rule_id, SERVED_EXACT=served == "exact", OUT_KIND=kind, G=group_size,
-                           ROWS=_ROWS, enable_fp_fusion=False)
+        _int4_kernel[grid](
+            src,
+            dst,
+            flag,
+            n_groups,
+            divisor,
+            floor,
+            zero,
+            smax,
+            qmin,
+            qmax,
+            RULE=rule_id,
+            SERVED_EXACT=served == "exact",
+            OUT_KIND=kind,
+            G=group_size,
+            ROWS=_ROWS,
+            enable_fp_fusion=False,
+        )
     elif fmt is QuantFormat.MXFP4:
         _mxfp4_kernel[grid](src, dst, flag, n_groups, OUT_KIND=kind, ROWS=_ROWS, enable_fp_fusion=False)
     else:
         amax = nvfp4.matrix_amax(x)
-        report_nonfinite(~torch.isfinite(amax).all(), name)   # before global_amax checks, as the oracle
+        report_nonfinite(~torch.isfinite(amax).all(), name)  # before global_amax checks, as the oracle
         g = nvfp4.global_scale(amax, rule.get("global_amax"), name).contiguous()
         bpm = x.shape[-2] * x.shape[-1] // 16
-        _nvfp4_kernel[grid](src, dst, flag, g, n_groups, bpm, OUT_KIND=kind, ROWS=_ROWS,
-                            enable_fp_fusion=False)
+        _nvfp4_kernel[grid](src, dst, flag, g, n_groups, bpm, OUT_KIND=kind, ROWS=_ROWS, enable_fp_fusion=False)
     report_nonfinite(flag[0] != 0, name)
     return out

@@ -112,7 +112,7 @@ def raise_if_nonfinite() -> None:
     for items in by_device.values():
         stacked = torch.stack([f for _, f in items])
         if bool(stacked.any()):
-            bad += [n for (n, f), b in zip(items, stacked.tolist()) if b]
+            bad += [n for (n, f), b in zip(items, stacked.tolist(), strict=True) if b]
             for _, f in items:
                 f.zero_()
     if bad:

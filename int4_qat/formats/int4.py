@@ -13,10 +13,11 @@ Scale rules (``scale_rule=``)
 ``calculate_qparams``: amax / (bit_range / 2)): ``s = amax / 7.5``, ``q`` in [-8, 7]; a zero scale
 is replaced by bf16's eps as compressed-tensors does.
 
-Both rules compute ``amax / c`` in float32 (a true division on every device), then round the scale to **bf16** (round-to-nearest-
-even), then compute ``q = clamp(round_half_even(w_fp32 / s_bf16), qmin, qmax)``. Computing ``q``
-from the bf16-rounded scale, i.e. the scale that is stored, removes the train/serve mismatch of
-the reference system (fake quant with the fp32 scale, export with the bf16 one).
+Both rules compute ``amax / c`` in float32 (a true division on every device), then round the scale
+to **bf16** (round-to-nearest-even), then compute ``q = clamp(round_half_even(w_fp32 / s_bf16),
+qmin, qmax)``. Computing ``q`` from the bf16-rounded scale, i.e. the scale that is stored, removes
+the train/serve mismatch of the reference system (fake quant with the fp32 scale, export with the
+bf16 one).
 
 The served weight (defined once)
 --------------------------------
@@ -27,9 +28,9 @@ kernel SGLang / vLLM serve W4A16 with turns a uint4b8 nibble into bf16 exactly (
 csrc/quantization/gptq_marlin/dequant.h, ``dequant<nv_bfloat162, kU4B8>``: magic ``128 + nibble``
 minus 136) and then multiplies by the bf16 group scale with ``__hmul2`` (the ``scale`` step of
 marlin_template.h): the same correctly rounded bf16 product. So the served weight is
-``bf16(q * s_bf16)`` (the exact product, which fits float32, rounded once to bf16). ``dequantize`` returns exactly that, cast to the requested dtype;
-``fake_quantize(w)`` returns exactly that cast to ``w.dtype`` (for fp32 weights, too: training sees
-what the server computes).
+``bf16(q * s_bf16)`` (the exact product, which fits float32, rounded once to bf16). ``dequantize``
+returns exactly that, cast to the requested dtype; ``fake_quantize(w)`` returns exactly that cast
+to ``w.dtype`` (for fp32 weights, too: training sees what the server computes).
 
 Engines that decode in float32 (``served="exact"``)
 ---------------------------------------------------
@@ -54,6 +55,7 @@ On-disk layout (compressed-tensors compressors/pack_quantized/helpers.py ``pack_
 layout); element ``j`` of a row lives in word ``j // 8`` at bits ``4 * (j % 8)``, lowest nibble
 first. ``weight_scale`` bf16 ``[..., N, K/G]``. ``weight_shape`` int64 ``[N, K]`` (the full shape).
 """
+
 from __future__ import annotations
 
 import sys
@@ -117,8 +119,7 @@ _S_MAX_F = {rule: float(s) for rule, s in S_MAX.items()}  # as Python floats (bf
 
 def _rule(scale_rule: str, name: str) -> tuple[float, int, int]:
     if scale_rule not in SCALE_RULES:
-        raise ValueError(f"{name}: unknown INT4 scale_rule {scale_rule!r} "
-                         f"(allowed: {list(SCALE_RULES)})")
+        raise ValueError(f"{name}: unknown INT4 scale_rule {scale_rule!r} (allowed: {list(SCALE_RULES)})")
     return SCALE_RULES[scale_rule]
 
 
@@ -145,9 +146,11 @@ def _scales_and_codes(w: Tensor, group_size: int, scale_rule: str, name: str):
 
 def _check_served(served: str, name: str) -> str:
     if served not in SERVED_RULES:
-        raise ValueError(f"{name}: unknown INT4 served rule {served!r} (allowed: "
-                         f"{list(SERVED_RULES)}: 'bf16' for Marlin / compressed-tensors, 'exact' "
-                         "for float32 decoders such as llama.cpp)")
+        raise ValueError(
+            f"{name}: unknown INT4 served rule {served!r} (allowed: "
+            f"{list(SERVED_RULES)}: 'bf16' for Marlin / compressed-tensors, 'exact' "
+            "for float32 decoders such as llama.cpp)"
+        )
     return served
 
 
@@ -158,24 +161,22 @@ def _served(q: Tensor, s: Tensor, served: str = "bf16") -> Tensor:
     return prod if served == "exact" else prod.to(torch.bfloat16)
 
 
-def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
-             scale_rule: str = "amax/7") -> QuantizedTensor:
+def quantize(
+    w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight", scale_rule: str = "amax/7"
+) -> QuantizedTensor:
     """Quantize ``w [..., N, K]`` to int8 codes and bf16 group scales."""
     with torch.no_grad():
         q, s = _scales_and_codes(w, group_size, scale_rule, name)
         codes = q.to(torch.int8).flatten(-2)
-    return QuantizedTensor(codes=codes, scale=s, global_scale=None, group_size=group_size,
-                           fmt=QuantFormat.INT4)
+    return QuantizedTensor(codes=codes, scale=s, global_scale=None, group_size=group_size, fmt=QuantFormat.INT4)
 
 
 def _check_qt(q: QuantizedTensor) -> None:
     if not isinstance(q, QuantizedTensor) or q.fmt != QuantFormat.INT4:
-        raise ValueError(f"expected an INT4 QuantizedTensor, got "
-                         f"{getattr(q, 'fmt', type(q).__name__)}")
+        raise ValueError(f"expected an INT4 QuantizedTensor, got {getattr(q, 'fmt', type(q).__name__)}")
 
 
-def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *,
-               served: str = "bf16") -> Tensor:
+def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *, served: str = "bf16") -> Tensor:
     """The served weight ``bf16(q * s)`` (``served="exact"``: the exact ``q * s``), cast to
     ``dtype``."""
     _check_qt(q)
@@ -184,8 +185,14 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16, *,
     return _served(g, q.scale, served).to(dtype)
 
 
-def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
-                  scale_rule: str = "amax/7", served: str = "bf16") -> Tensor:
+def fake_quantize(
+    w: Tensor,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    name: str = "weight",
+    scale_rule: str = "amax/7",
+    served: str = "bf16",
+) -> Tensor:
     """``dequantize(quantize(w), served=served)`` cast to ``w.dtype``; backward is the identity
     (STE)."""
     _check_served(served, name)
@@ -202,8 +209,9 @@ def pack(q: QuantizedTensor) -> dict[str, Tensor]:
     _check_qt(q)
     k = q.codes.shape[-1]
     if k % 8 != 0:
-        raise ValueError(f"INT4 pack: in_features {k} (shape {tuple(q.codes.shape)}) must be a "
-                         f"multiple of 8 for int32 packing")
+        raise ValueError(
+            f"INT4 pack: in_features {k} (shape {tuple(q.codes.shape)}) must be a multiple of 8 for int32 packing"
+        )
     nib = (q.codes.to(torch.int16) + 8).to(torch.uint8)
     packed = pack_nibbles(nib).contiguous()
     if sys.byteorder == "big":  # the int32 word's low byte comes first in memory
@@ -215,8 +223,9 @@ def pack(q: QuantizedTensor) -> dict[str, Tensor]:
     }
 
 
-def unpack(tensors: dict[str, Tensor], group_size: int = DEFAULT_GROUP_SIZE, *,
-           scale_rule: str = "amax/7") -> QuantizedTensor:
+def unpack(
+    tensors: dict[str, Tensor], group_size: int = DEFAULT_GROUP_SIZE, *, scale_rule: str = "amax/7"
+) -> QuantizedTensor:
     """Inverse of :func:`pack`; checks dtypes, shapes, group size and the rule's code grid."""
     packed = require_key(tensors, "weight_packed", "INT4")
     scale = require_key(tensors, "weight_scale", "INT4")
@@ -229,18 +238,23 @@ def unpack(tensors: dict[str, Tensor], group_size: int = DEFAULT_GROUP_SIZE, *,
         raise ValueError(f"INT4 unpack: weight_scale must be bfloat16, got {scale.dtype}")
     shape = tuple(int(v) for v in shape_t.reshape(-1).tolist())
     if len(shape) < 2 or shape[:-1] != tuple(packed.shape[:-1]) or shape[-1] != 8 * packed.shape[-1]:
-        raise ValueError(f"INT4 unpack: weight_shape {list(shape)} does not match weight_packed "
-                         f"shape {tuple(packed.shape)} (expected [..., N, K/8])")
+        raise ValueError(
+            f"INT4 unpack: weight_shape {list(shape)} does not match weight_packed "
+            f"shape {tuple(packed.shape)} (expected [..., N, K/8])"
+        )
     k = shape[-1]
     if k % group_size != 0 or tuple(scale.shape) != (*shape[:-1], k // group_size):
-        raise ValueError(f"INT4 unpack: weight_scale shape {tuple(scale.shape)} does not match "
-                         f"weight_shape {list(shape)} with group_size {group_size}")
+        raise ValueError(
+            f"INT4 unpack: weight_scale shape {tuple(scale.shape)} does not match "
+            f"weight_shape {list(shape)} with group_size {group_size}"
+        )
     b = packed.contiguous().view(torch.uint8)
     if sys.byteorder == "big":
         b = b.unflatten(-1, (-1, 4)).flip(-1).flatten(-2)
     codes = (unpack_nibbles(b).to(torch.int16) - 8).to(torch.int8)
     if qmin > -8 and bool((codes < qmin).any()):
-        raise ValueError(f"INT4 unpack: weight_packed holds code -8, outside the [{qmin}, 7] grid "
-                         f"of scale_rule {scale_rule!r}; was it exported with 'amax/7.5'?")
-    return QuantizedTensor(codes=codes, scale=scale, global_scale=None, group_size=group_size,
-                           fmt=QuantFormat.INT4)
+        raise ValueError(
+            f"INT4 unpack: weight_packed holds code -8, outside the [{qmin}, 7] grid "
+            f"of scale_rule {scale_rule!r}; was it exported with 'amax/7.5'?"
+        )
+    return QuantizedTensor(codes=codes, scale=scale, global_scale=None, group_size=group_size, fmt=QuantFormat.INT4)

@@ -15,9 +15,9 @@ Following compressed-tensors (quantization/utils/helpers.py ``generate_gparam`` 
 * ``g = 448 * 6 / max(amax_matrix, tiny)``, evaluated as compressed-tensors' torch code does,
   ``fl(fl(1 / amax) * 2688)``; a non-finite ``g`` (matrix amax below ~7.9e-36, e.g. an all-zero
   matrix) becomes 1.0;
-* ``s = e4m3(clamp(fl(amax_block / 6) * g, -448, 448))`` (a true division on every device) rounded to nearest even; a block scale
-  that rounds to 0 becomes 0.125 (compressed-tensors' E4M3 eps), which only happens in blocks
-  whose codes are all zero anyway;
+* ``s = e4m3(clamp(fl(amax_block / 6) * g, -448, 448))`` (a true division on every device) rounded
+  to nearest even; a block scale that rounds to 0 becomes 0.125 (compressed-tensors' E4M3 eps),
+  which only happens in blocks whose codes are all zero anyway;
 * ``s_eff = float32(s) / g`` and ``q = E2M1(w_fp32 / s_eff)`` (ties to even, saturating at 6).
 
 "Per tensor" means per 2-D matrix: a stacked expert weight ``[E, N, K]`` gets ``E`` global scales
@@ -48,6 +48,7 @@ On-disk layout: compressed-tensors ``nvfp4-pack-quantized``
 float8_e4m3fn ``[N, K/16]``, ``weight_global_scale`` float32 ``[1]`` (``[E, 1]`` for a stack).
 ModelOpt's own NVFP4 export stores ``weight_scale_2 = 1 / g`` instead; we do not write that.
 """
+
 from __future__ import annotations
 
 import torch
@@ -116,17 +117,21 @@ def global_scale(amax: Tensor, global_amax: Tensor | None = None, name: str = "w
     :func:`matrix_amax`), or from ``global_amax`` when given (validated against ``amax``)."""
     if global_amax is not None:
         if not isinstance(global_amax, Tensor) or global_amax.shape != amax.shape:
-            raise ValueError(f"{name}: global_amax must be a tensor of shape {tuple(amax.shape)} "
-                             f"(one per 2-D matrix, see matrix_amax), got "
-                             f"{getattr(global_amax, 'shape', type(global_amax).__name__)}")
+            raise ValueError(
+                f"{name}: global_amax must be a tensor of shape {tuple(amax.shape)} "
+                f"(one per 2-D matrix, see matrix_amax), got "
+                f"{getattr(global_amax, 'shape', type(global_amax).__name__)}"
+            )
         ga = global_amax.to(device=amax.device, dtype=torch.float32)
         ok = (torch.isfinite(ga) & (ga >= amax)).all()
         if finite_check_mode() == "defer":  # no host sync in a training forward
             report_nonfinite(~ok, f"{name} (global_amax non-finite or below the matrix amax)")
         elif not bool(ok):
-            raise ValueError(f"{name}: global_amax must be finite and >= the matrix's own amax "
-                             f"(a max over a larger group), got {ga.flatten().tolist()[:4]} vs "
-                             f"{amax.flatten().tolist()[:4]}")
+            raise ValueError(
+                f"{name}: global_amax must be finite and >= the matrix's own amax "
+                f"(a max over a larger group), got {ga.flatten().tolist()[:4]} vs "
+                f"{amax.flatten().tolist()[:4]}"
+            )
         amax = ga
     amax = amax.clamp(min=_TINY, max=BF16_MAX)
     # compressed-tensors writes ``448 * 6 / amax`` with a Python scalar numerator, which torch
@@ -164,8 +169,9 @@ def _served(values_g: Tensor, s_eff: Tensor) -> Tensor:
     return (values_g * s_eff.unsqueeze(-1)).to(torch.bfloat16).flatten(-2)
 
 
-def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
-             global_amax: Tensor | None = None) -> QuantizedTensor:
+def quantize(
+    w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight", global_amax: Tensor | None = None
+) -> QuantizedTensor:
     """Quantize ``w [..., N, K]`` to E2M1 codes, E4M3 block scales and float32 global scales.
 
     ``global_amax`` (float32 ``[..., 1]``, see :func:`matrix_amax`) replaces each matrix's own
@@ -173,8 +179,7 @@ def quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "we
     with torch.no_grad():
         x, s, g, _ = _scaled(w, group_size, name, global_amax)
         codes = e2m1_encode(x).flatten(-2)
-    return QuantizedTensor(codes=codes, scale=s, global_scale=g, group_size=group_size,
-                           fmt=QuantFormat.NVFP4)
+    return QuantizedTensor(codes=codes, scale=s, global_scale=g, group_size=group_size, fmt=QuantFormat.NVFP4)
 
 
 def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -184,8 +189,9 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.bfloat16) -> Tenso
     return _served(e2m1_decode(group_view(q.codes, q.group_size)), s_eff).to(dtype)
 
 
-def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight",
-                  global_amax: Tensor | None = None) -> Tensor:
+def fake_quantize(
+    w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str = "weight", global_amax: Tensor | None = None
+) -> Tensor:
     """``dequantize(quantize(w))`` cast to ``w.dtype``; backward is the identity (STE).
 
     Computed without materialising codes (E2M1 values straight from the rounding), which the
@@ -200,8 +206,7 @@ def fake_quantize(w: Tensor, group_size: int = DEFAULT_GROUP_SIZE, *, name: str 
 
 def _check_qt(q: QuantizedTensor) -> None:
     if not isinstance(q, QuantizedTensor) or q.fmt != QuantFormat.NVFP4:
-        raise ValueError(f"expected an NVFP4 QuantizedTensor, got "
-                         f"{getattr(q, 'fmt', type(q).__name__)}")
+        raise ValueError(f"expected an NVFP4 QuantizedTensor, got {getattr(q, 'fmt', type(q).__name__)}")
     if q.global_scale is None:
         raise ValueError("NVFP4 QuantizedTensor has no global_scale")
 
@@ -224,24 +229,30 @@ def unpack(tensors: dict[str, Tensor], group_size: int = DEFAULT_GROUP_SIZE) -> 
     g = require_key(tensors, "weight_global_scale", "NVFP4")
     check_group_size(group_size, "NVFP4 unpack", allowed=(DEFAULT_GROUP_SIZE,))
     if packed.dtype != torch.uint8 or packed.ndim < 2:
-        raise ValueError(f"NVFP4 unpack: weight_packed must be uint8 [..., N, K/2], got "
-                         f"{packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"NVFP4 unpack: weight_packed must be uint8 [..., N, K/2], got {packed.dtype} {tuple(packed.shape)}"
+        )
     if scale.dtype != torch.float8_e4m3fn:
         raise ValueError(f"NVFP4 unpack: weight_scale must be float8_e4m3fn, got {scale.dtype}")
     if g.dtype != torch.float32:
         raise ValueError(f"NVFP4 unpack: weight_global_scale must be float32, got {g.dtype}")
     k = 2 * packed.shape[-1]
     if k % group_size != 0 or tuple(scale.shape) != (*packed.shape[:-1], k // group_size):
-        raise ValueError(f"NVFP4 unpack: weight_scale shape {tuple(scale.shape)} does not match "
-                         f"weight_packed shape {tuple(packed.shape)} (expected [..., N, K/16])")
+        raise ValueError(
+            f"NVFP4 unpack: weight_scale shape {tuple(scale.shape)} does not match "
+            f"weight_packed shape {tuple(packed.shape)} (expected [..., N, K/16])"
+        )
     if tuple(g.shape) != (*packed.shape[:-2], 1):
-        raise ValueError(f"NVFP4 unpack: weight_global_scale shape {tuple(g.shape)} does not "
-                         f"match weight_packed shape {tuple(packed.shape)} (expected "
-                         f"{(*packed.shape[:-2], 1)})")
+        raise ValueError(
+            f"NVFP4 unpack: weight_global_scale shape {tuple(g.shape)} does not "
+            f"match weight_packed shape {tuple(packed.shape)} (expected "
+            f"{(*packed.shape[:-2], 1)})"
+        )
     sf = scale.float()
     if not bool(torch.isfinite(sf).all()) or bool((sf < 0).any()):
         raise ValueError("NVFP4 unpack: weight_scale holds NaN or negative E4M3 values")
     if not bool(torch.isfinite(g).all()) or bool((g <= 0).any()):
         raise ValueError("NVFP4 unpack: weight_global_scale must be finite and positive")
-    return QuantizedTensor(codes=unpack_nibbles(packed), scale=scale, global_scale=g,
-                           group_size=group_size, fmt=QuantFormat.NVFP4)
+    return QuantizedTensor(
+        codes=unpack_nibbles(packed), scale=scale, global_scale=g, group_size=group_size, fmt=QuantFormat.NVFP4
+    )
