@@ -303,3 +303,24 @@ def test_chunked_streaming_is_byte_identical(tiny, tmp_path, model, fmt):
     for fn in sorted(os.listdir(a)):
         if fn.endswith(".safetensors"):
             assert open(os.path.join(a, fn), "rb").read() == open(os.path.join(b, fn), "rb").read(), fn
+
+
+@pytest.mark.parametrize("dtype, warns", [(torch.float32, True), (torch.bfloat16, False)])
+def test_served_exact_scheme_exported_for_marlin_says_so(tmp_path, dtype, warns):
+    """A scheme trained for llama.cpp's exact q*s (served: exact), exported as compressed-tensors
+    (Marlin serves bf16(q*s)): fp32 weights are served bf16-rounded, and the export says so; bf16
+    weights are served bit for bit (both rules give the same bits), so nothing is said."""
+    import warnings as w
+
+    from int4_qat.export.pipeline import export_hf_dir
+    from int4_qat.scheme import QuantScheme
+
+    hf = make_tiny_hf_checkpoint("qwen3_moe", tmp_path / "hf", dtype=dtype)
+    scheme = QuantScheme(format="int4", group_size=32, served="exact")
+    with w.catch_warnings(record=True) as seen:
+        w.simplefilter("always")
+        export_hf_dir(str(hf), str(tmp_path / "out"), scheme, progress=False)
+    said = [str(x.message) for x in seen if "served: exact" in str(x.message)]
+    assert bool(said) == warns, said
+    if warns:
+        assert "float32 weights are served rounded to bf16" in said[0]

@@ -127,7 +127,7 @@ def quantize(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | 
         return scheme.quantize(w, name)
     from int4_qat.formats import get_format
 
-    return get_format(scheme.format).quantize(w, scheme.group_size, name=name, **kw, **scheme.rule_kwargs)
+    return get_format(scheme.format).quantize(w, scheme.group_size, name=name, **kw, **scheme.quantize_kwargs)
 
 
 def quantize_pack(scheme, w: torch.Tensor, name: str, siblings: list[torch.Tensor] | None = None

@@ -31,7 +31,10 @@ import json
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
+
+import torch
 
 from int4_qat.export import convert as cv
 from int4_qat.export.ct_config import gpt_oss_modules_to_not_convert, ignore_list, quantization_config
@@ -158,7 +161,26 @@ def _plan_job(source, scheme, serving_tp: int, serving_ep: int, allow_unservable
     if not allow_unservable:
         cv.check_marlin(scheme, source.config, serving_tp, any(p.kind != "copy" for p in flat),
                         serving_ep=serving_ep)
+    _warn_served_rule(scheme, source, flat)
     return shards, config, flat
+
+
+def _warn_served_rule(scheme, source, flat: list[cv.TensorPlan]) -> None:
+    """A scheme trained for an engine that decodes ``q * s`` exactly (``served: exact``, llama.cpp),
+    exported for compressed-tensors / Marlin, which serve ``bf16(q * s)``: for weights wider than
+    bf16 the served weight is the training one rounded to bf16 (<= 2^-9 relative). Same codes and
+    scales, so it is a valid checkpoint; say so rather than claim bit-exact consistency."""
+    if getattr(scheme, "served", None) != "exact":
+        return
+    infos = {t.name: t for t in source.tensors()}
+    wide = sorted({str(infos[p.source].dtype).replace("torch.", "") for p in flat
+                   if p.kind != "copy" and infos[p.source].dtype != torch.bfloat16})
+    if wide:
+        warnings.warn(f"scheme {scheme.describe()} was trained for an engine that serves q*s exactly "
+                      f"(quant.served: exact, e.g. llama.cpp: tools/export.py --container gguf); "
+                      f"compressed-tensors / Marlin serve bf16(q*s), so these {'/'.join(wide)} weights "
+                      f"are served rounded to bf16 (<= 2^-9 relative) -- not bit-identical to training",
+                      stacklevel=3)
 
 
 def _inputs(source, side_dir: str | None) -> tuple[str, ...]:
