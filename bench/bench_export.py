@@ -127,6 +127,15 @@ def m_copy_safetensors(src, dst, args):
         del t
 
 
+def m_copy_safetensors_fsync(src, dst, args):
+    """The same copy, made durable as the export is (each file fsynced before it counts as written:
+    the export fsyncs its shards before the index that makes them visible)."""
+    m_copy_safetensors(src, dst, args)
+    for fn in _shards(src):
+        with open(os.path.join(dst, fn), "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def m_export(src, dst, args):
     from int4_qat.export import export_checkpoint
 
@@ -223,6 +232,7 @@ def m_imports(src, dst, args):
 
 
 METHODS = {"imports only": m_imports, "copy (bytes)": m_copy_bytes, "copy (safetensors)": m_copy_safetensors,
+           "copy (safetensors+fsync)": m_copy_safetensors_fsync,
            "read only": m_read, "read + quantize": m_read_quantize,
            "int4_qat export": m_export, "compressed-tensors": m_compressed_tensors}
 
@@ -285,7 +295,8 @@ def main():
               f"{info['shards']} shards (largest {info['largest_shard'] / 1e9:.2f} GB), written in "
               f"{time.perf_counter() - t0:.0f} s; format {args.format}"
               + (f" g{args.group_size}" if args.format == "int4" else ""))
-        plan = [("imports only", 2), ("copy (bytes)", 2), ("copy (safetensors)", 2), ("read only", 2),
+        plan = [("imports only", 2), ("copy (bytes)", 2), ("copy (safetensors)", 2),
+                ("copy (safetensors+fsync)", 2), ("read only", 2),
                 ("read + quantize", 2), ("int4_qat export", 2), ("int4_qat export", 1)]
         # interleaved rounds (a busy shared machine slows every method alike); compressed-tensors'
         # own packing is minutes slower, so it runs once, in the last round
@@ -294,6 +305,7 @@ def main():
             extra = [("compressed-tensors", 2)] if args.compressed_tensors and rnd == args.rounds - 1 else []
             for i, (m, w) in enumerate(plan + extra):
                 dst = os.path.join(work, f"out{i}")
+                os.sync()    # every method starts with no other method's writes pending
                 r = run(m, src, dst, args, workers=w)
                 r["out_bytes"] = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(dst) for f in fs)
                 shutil.rmtree(dst, ignore_errors=True)
@@ -304,9 +316,11 @@ def main():
             return min(r["seconds"] for r in res[key])
 
         base = best(("copy (safetensors)", 2))
+        durable = best(("copy (safetensors+fsync)", 2))
         rss0 = min(r["peak_rss"] for r in res[("imports only", 2)])
-        print(f"\n{args.rounds} interleaved rounds, min time per method; vs copy = time of copy (safetensors) / time")
-        print(f"{'method':<28} {'time s':>7} {'GB/s in':>8} {'vs copy':>8} {'peak RSS GB':>12} "
+        print(f"\n{args.rounds} interleaved rounds, min time per method; vs copy = time of copy (safetensors) / "
+              f"time; vs durable = time of copy (safetensors+fsync) / time (the export fsyncs its shards)")
+        print(f"{'method':<28} {'time s':>7} {'GB/s in':>8} {'vs copy':>8} {'vs durable':>10} {'peak RSS GB':>12} "
               f"{'(RSS-imports)/shard':>20} {'out GB':>7}")
         for key in res:
             if key[0] == "imports only":
@@ -314,7 +328,7 @@ def main():
             t = best(key)
             rss = max(r["peak_rss"] for r in res[key])
             label = key[0] + (f" (workers={key[1]})" if key[0] == "int4_qat export" else "")
-            print(f"{label:<28} {t:>7.1f} {gb / t:>8.3f} {base / t:>8.2f} {rss / 1e9:>12.2f} "
+            print(f"{label:<28} {t:>7.2f} {gb / t:>8.3f} {base / t:>8.2f} {durable / t:>10.2f} {rss / 1e9:>12.2f} "
                   f"{(rss - rss0) / info['largest_shard']:>20.2f} {res[key][0]['out_bytes'] / 1e9:>7.2f}")
         read, rq, exp1 = best(("read only", 2)), best(("read + quantize", 2)), best(("int4_qat export", 1))
         print(f"export (workers=1) {exp1:.1f} s = reading {read:.1f} s + numerics {rq - read:.1f} s "
