@@ -68,12 +68,14 @@ Both round half to even; both map an all-zero group to zeros.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from int4_qat.formats import QuantFormat, fused
+from int4_qat.formats._common import straight_through
 
 if TYPE_CHECKING:  # pragma: no cover
     from int4_qat.scheme import QuantScheme
@@ -84,6 +86,7 @@ __all__ = [
     "build_modelopt_config",
     "enabled_weight_quantizers",
     "fake_quant_backend",
+    "fake_quant_cache",
     "fake_quantized_weights",
     "register_backend",
 ]
@@ -128,9 +131,49 @@ def _amax_group(kind: str | None):
     return group if group is not None and group.size() > 1 else None
 
 
+_STEP_CACHE: dict | None = None      # set inside fake_quant_cache(): id(quantizer) -> (key, weight)
+
+
+@contextlib.contextmanager
+def fake_quant_cache():
+    """Reuse each weight's fake quant across the micro-batches of one step.
+
+    Inside one call of Megatron's forward-backward schedule the weights do not change (the
+    optimizer steps after it), so every micro-batch would recompute the same fake-quantized
+    weight. Within this context the first computation of each weight quantizer is kept and later
+    calls return it (a new tensor object on the same storage, behind the same straight-through
+    node, so each micro-batch's graph is its own and the gradient still reaches the parameter).
+    A hit also requires the same parameter storage, version counter, shape and dtype, so an
+    in-place change of the weight inside the context recomputes. Memory: one fake-quantized copy
+    of the local quantized weights for the duration of the step -- what autograd keeps for the
+    backward anyway (and less than one copy per in-flight micro-batch under pipeline parallel).
+    ``int4_qat.train.Trainer`` wraps each schedule call in it; outside it nothing is cached."""
+    global _STEP_CACHE
+    outer, _STEP_CACHE = _STEP_CACHE, {}
+    try:
+        yield
+    finally:
+        _STEP_CACHE = outer
+
+
 def _backend_entry(inputs: torch.Tensor, quantizer) -> torch.Tensor:
-    """What ModelOpt calls: :func:`fake_quant_backend`, given the TP-group ``global_amax`` for an
-    NVFP4 weight tagged ``tp_amax`` (see "Choices" in the module docstring)."""
+    """What ModelOpt calls: :func:`fake_quant_backend` (once per weight and step inside
+    :func:`fake_quant_cache`), given the TP-group ``global_amax`` for an NVFP4 weight tagged
+    ``tp_amax`` (see "Choices" in the module docstring)."""
+    cache = _STEP_CACHE
+    if cache is None or not isinstance(inputs, torch.nn.Parameter):
+        return _compute(inputs, quantizer)
+    key = (inputs.data_ptr(), inputs._version, tuple(inputs.shape), inputs.dtype)
+    hit = cache.get(id(quantizer))
+    if hit is None or hit[0] != key:
+        out = _compute(inputs, quantizer)
+        cache[id(quantizer)] = (key, out.detach())
+        return out
+    kept = hit[1]
+    return straight_through(inputs, lambda _w: kept.detach())
+
+
+def _compute(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     group = _amax_group((quantizer.backend_extra_args or {}).get("tp_amax"))
     if group is None:
         return fake_quant_backend(inputs, quantizer)

@@ -17,8 +17,10 @@ worst pipeline stage. Local params: dense part ``/ tp`` (per stage), routed expe
 * weights 2 B/param (fp32 recipes: 4), fp32 main grads 4 B/param;
 * optimizer: fp32 master + Adam m, v = 12 B/param (fp32 recipes: 8), sharded by the distributed
   optimizer over ``dp`` for dense params and over expert-dp = world / (ep · etp · pp) for experts;
-* fake-quant weight copies: every quantized weight's fake-quantized bf16 copy is saved by the
-  matmul for backward, once per in-flight micro-batch: ``2 B · quantized local params · in_flight``;
+* fake-quant weight copies: every quantized weight's fake-quantized copy (in the weights' dtype)
+  is saved by the matmul for backward; the trainer computes it once per step and every in-flight
+  micro-batch shares it (``int4_qat.modelopt_backend.fake_quant_cache``):
+  ``weight bytes · quantized local params``;
 * activations (no recompute, flash attention, bf16), per layer and micro-batch with
   ``T = seq · micro_batch`` tokens and ``Tl = T/tp`` under sequence parallel (else ``T``):
   attention ``2·(3h·Tl + (qkv_out + attn_out)·T/tp)``; dense MLP ``2·(2h·Tl + 3·I·T/tp)``;
@@ -273,7 +275,7 @@ def training_memory(a: ArchShape, c: ParamCounts, parallel, train, scope: str) -
         weights = local * w_b
         grads = local * 4.0
         opt = dense * opt_b / p.dp + expert * opt_b / edp
-        fq = quant_local * 2.0 * in_flight
+        fq = quant_local * w_b                 # one shared copy per step (fake_quant_cache)
         total = (weights + grads + opt + fq + act) / GB + OVERHEAD_GB
         m = TrainingMemory(stage=s, local_params_b=local / 1e9, weights_gb=weights / GB,
                            grads_gb=grads / GB, optimizer_gb=opt / GB, fake_quant_gb=fq / GB,

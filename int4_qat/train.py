@@ -297,11 +297,16 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from int4_qat.modelopt_backend import fake_quant_cache
+
         t = self.recipe.train
-        out = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=self._batches(ds, microbatches),
-            model=[self.model], num_microbatches=len(microbatches), seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch, forward_only=forward_only)
+        # the weights do not change inside one schedule call: each weight is fake-quantized once
+        # for all its micro-batches (int4_qat.modelopt_backend.fake_quant_cache)
+        with fake_quant_cache():
+            out = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=self._batches(ds, microbatches),
+                model=[self.model], num_microbatches=len(microbatches), seq_length=t.seq_length,
+                micro_batch_size=t.micro_batch, forward_only=forward_only)
         # mean over micro-batches here, then over data-parallel ranks; broadcast from the last
         # pipeline stage (the only one that computes the loss) so every rank returns the number
         dev = "cpu" if self.cpu else torch.cuda.current_device()

@@ -125,8 +125,9 @@ def test_training_memory_terms_by_hand():
     assert m.weights_gb == pytest.approx(4 * c.total / GB)
     assert m.grads_gb == pytest.approx(4 * c.total / GB)
     assert m.optimizer_gb == pytest.approx(8 * c.total / GB)
-    # fake-quant copies: routed expert weights, 2 B, one micro-batch in flight
-    assert m.fake_quant_gb == pytest.approx(2 * c.routed_linear / GB)
+    # fake-quant copies: routed expert weights in the weights' dtype (fp32 here), one copy shared by
+    # every micro-batch of the step (fake_quant_cache)
+    assert m.fake_quant_gb == pytest.approx(4 * c.routed_linear / GB)
     r.parallel.dp = 2
     r.parallel.gpus_per_node = 2
     m2 = training_memory(a, c, r.parallel, r.train, "experts")
