@@ -125,11 +125,9 @@ def _run(method: str, src: str, dst: str, args, report: str) -> list[dict]:
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if method == "export2":
-        import socket
+        from int4_qat.parallel import free_port
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         cmd = [
             sys.executable,
             "-m",

@@ -76,6 +76,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "load_model_for_export",
+    "checkpoint_arch",
     "CheckpointError",
     "spec_aliases",
 ]
@@ -487,6 +488,24 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, scheduler=No
             "iter_dir": iter_dir}
 
 
+def checkpoint_arch(iter_dir: str | os.PathLike):
+    """``(arch, recipe or None)`` of a checkpoint iteration: its own ``config.json`` (saved beside
+    the tensors), else the config its ``recipe.yaml`` names. No model is built."""
+    from int4_qat.arch import load_arch
+
+    iter_dir = Path(iter_dir)
+    recipe = None
+    if (iter_dir / "recipe.yaml").is_file():
+        from int4_qat.recipe import Recipe
+
+        recipe = Recipe.load(iter_dir / "recipe.yaml")
+    if (iter_dir / "config.json").is_file():
+        return load_arch(iter_dir), recipe
+    if recipe is not None:
+        return load_arch(recipe.model.config_json().parent), recipe
+    raise CheckpointError(f"{iter_dir}: neither config.json nor recipe.yaml; cannot tell the architecture")
+
+
 def load_model_for_export(ckpt_dir: str | os.PathLike):
     """``(model, arch, recipe)``: the trained model on one CPU process at TP=EP=PP=1.
 
@@ -500,7 +519,7 @@ def load_model_for_export(ckpt_dir: str | os.PathLike):
     loads the weights — dist_checkpointing reshards whatever TP/EP/PP the run used. ``recipe`` is
     the checkpoint's ``recipe.yaml`` (None if absent).
     """
-    from int4_qat.arch import build_model, load_arch
+    from int4_qat.arch import build_model
     from int4_qat.compat import cpu as compat_cpu
 
     iter_dir = resolve_checkpoint(ckpt_dir)
@@ -509,17 +528,7 @@ def load_model_for_export(ckpt_dir: str | os.PathLike):
     verify_checkpoint_files(iter_dir)
     compat_cpu.init_single_process_gloo(force=torch.cuda.is_available())
     compat_cpu.activate_training(force=torch.cuda.is_available())
-    recipe = None
-    if (iter_dir / "recipe.yaml").is_file():
-        from int4_qat.recipe import Recipe
-
-        recipe = Recipe.load(iter_dir / "recipe.yaml")
-    if (iter_dir / "config.json").is_file():
-        arch = load_arch(iter_dir)
-    elif recipe is not None:
-        arch = load_arch(recipe.model.config_json().parent)
-    else:
-        raise CheckpointError(f"{iter_dir}: neither config.json nor recipe.yaml; cannot tell the architecture")
+    arch, recipe = checkpoint_arch(iter_dir)
     model = build_model(arch, use_te=False, params_dtype=torch.float32)
     _restore_quant(model, iter_dir)
     _load_model_state(model, iter_dir, weights_only=False)

@@ -43,6 +43,7 @@ import torch.distributed as dist
 __all__ = [
     "DistEnv",
     "dist_env",
+    "free_port",
     "validate_layout",
     "init_parallel",
     "destroy_parallel",
@@ -62,7 +63,8 @@ class DistEnv:
     source: str  # "torchrun" | "slurm" | "single"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (a local rendezvous: single-process gloo, torchrun on one node)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -90,7 +92,7 @@ def dist_env(env: Mapping[str, str] | None = None) -> DistEnv:
         return DistEnv(_int_env(env, "SLURM_PROCID"), _int_env(env, "SLURM_NTASKS"),
                        _int_env(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                        addr, int(env.get("MASTER_PORT", "29500")), "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 # --------------------------------------------------------------------------- layout checks

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from int4_qat.parallel import free_port
 from int4_qat.arch import Rule, build_model, export_hf_state_dict, import_hf_checkpoint, load_arch
 from int4_qat.arch.gpt_oss import gate_up_to_hf, gate_up_to_mcore
 from int4_qat.arch.hf_io import iter_checkpoint
@@ -247,7 +248,7 @@ def test_ep2_pp2_match_single_process(ckpt, model_and_arch, tmp_path):
     ref = _logits(model.eval(), _ids())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(compat_cpu._free_port()), __file__, str(ckpt), str(tmp_path)]
+           "--master-port", str(free_port()), __file__, str(ckpt), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     for layout in ("ep2", "pp2"):

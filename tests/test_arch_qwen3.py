@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from int4_qat.parallel import free_port
 from int4_qat.arch import (HFCheckpointReader, build_model, export_hf_state_dict,
                            import_hf_checkpoint, load_arch, write_hf_checkpoint)
 from int4_qat.compat import cpu
@@ -214,7 +215,7 @@ def test_tp2_dense_ep2_moe_pp2_match_single_process(ckpts, tmp_path):
         refs[kind] = megatron_logits(model, _ids(arch.vocab_size))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(cpu._free_port()), __file__,
+           "--master-port", str(free_port()), __file__,
            str(ckpts["qwen3"]), str(ckpts["qwen3_moe"]), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

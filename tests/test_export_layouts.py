@@ -13,12 +13,12 @@ too. Also: ``tools/export.py --nproc 2`` equals the one-process export, file for
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from int4_qat.parallel import free_port
 from int4_qat.export import export_checkpoint, verify_export
 from int4_qat.testing import REPO_ROOT, export_via_model, make_tiny_hf_checkpoint
 from test_export_stream import same_export
@@ -46,12 +46,6 @@ JOBS = {
 }
 WORLD = {name: w for w, jobs in JOBS.items() for name in jobs}
 LOGITS = {"qwen3-tp2", "moe-ep2", "ds-ep2", "oss-ep2"}      # one transformers-load logits check per architecture
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def saved(inputs):
                 "--nproc-per-node",
                 str(world),
                 "--master-port",
-                str(_free_port()),
+                str(free_port()),
                 str(REPO_ROOT / "tests" / "_export_worker.py"),
                 str(path),
             ],

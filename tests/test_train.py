@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from int4_qat.parallel import free_port
 import _dist_worker as W
 from int4_qat import data as D
 
@@ -125,13 +126,6 @@ def test_bad_layout_and_init_source_are_refused(corpus, tmp_path):
         Trainer(ok, cpu=True, out=tmp_path, init_from=tmp_path / "missing", resume=False)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _torchrun(spec: dict, tmp: Path, nproc: int = 2) -> dict:
     spec_path = tmp / "spec.json"
@@ -139,7 +133,7 @@ def _torchrun(spec: dict, tmp: Path, nproc: int = 2) -> dict:
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), str(REPO / "tests" / "_dist_worker.py"),
+           "--master-port", str(free_port()), str(REPO / "tests" / "_dist_worker.py"),
            str(spec_path)]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]

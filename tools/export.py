@@ -172,11 +172,9 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
             args.append(x)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    import socket
+    from int4_qat.parallel import free_port
 
-    with socket.socket() as sock:  # a static rendezvous on a free local port (faster than --standalone)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a static rendezvous on a free local port (faster than --standalone)
     cmd = [
         sys.executable,
         "-m",

@@ -58,13 +58,14 @@ import copy
 import datetime
 import importlib
 import os
-import socket
 import types
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule as _MegatronModule
+
+from int4_qat.parallel import free_port
 
 __all__ = [
     "activate",
@@ -223,12 +224,6 @@ def seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------ distributed + parallel
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed_gloo(timeout_s: int = 300) -> tuple[int, int]:
     """Initialise torch.distributed with gloo from the torchrun environment (RANK, WORLD_SIZE,
     MASTER_ADDR, MASTER_PORT), or as a 1-process group on a free local port when there is none.
@@ -242,7 +237,7 @@ def init_distributed_gloo(timeout_s: int = 300) -> tuple[int, int]:
         init_method = "env://"
     else:
         rank, world = 0, 1
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        init_method = f"tcp://127.0.0.1:{free_port()}"
     dist.init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),

@@ -35,7 +35,6 @@ import contextlib
 import gc
 import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from int4_qat.demo.config import VARIANTS, DemoConfig, build_recipe, write_model_config
+from int4_qat.parallel import free_port
 from int4_qat.demo.report import Curve, ExtraSection, Row
 
 __all__ = ["DemoResult", "run_demo", "BF16_MISMATCH_WINDOWS"]
@@ -87,12 +87,6 @@ class _Clock:
         finally:
             self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - t, 2)
             self.cpu[name] = round(self.cpu.get(name, 0.0) + time.process_time() - c, 2)
-
-
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inner(model):
@@ -384,7 +378,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print,
     if not dist.is_initialized() and "RANK" not in os.environ:
         # A free port of our own: other processes on this machine may hold Megatron's default.
         os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     cfg.out.mkdir(parents=True, exist_ok=True)
     demo = _Demo(cfg, log, extra_evaluators)
     demo.log(f"int4-qat demo -> {cfg.out} | formats {', '.join(cfg.formats)} | scope {cfg.scope}")

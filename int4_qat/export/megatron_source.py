@@ -371,7 +371,6 @@ def open_checkpoint_source(path: str | os.PathLike, verify: bool = True):
     a checkpoint root with ``latest``). Reads metadata only, plus -- ``verify`` -- the files'
     checksums (``int4_qat.checkpoint.verify_checkpoint_files``: collective when a process group
     exists, each rank a share); ``ValueError`` for bad input."""
-    from int4_qat.arch import load_arch
     from int4_qat.checkpoint import resolve_checkpoint
     from int4_qat.export.dcp_reader import DistCheckpointReader
 
@@ -390,17 +389,9 @@ def open_checkpoint_source(path: str | os.PathLike, verify: bool = True):
         from int4_qat.checkpoint import verify_checkpoint_files
 
         verify_checkpoint_files(iter_dir)
-    recipe = None
-    if (iter_dir / "recipe.yaml").is_file():
-        from int4_qat.recipe import Recipe
+    from int4_qat.checkpoint import checkpoint_arch
 
-        recipe = Recipe.load(iter_dir / "recipe.yaml")
-    if (iter_dir / "config.json").is_file():
-        arch = load_arch(iter_dir)
-    elif recipe is not None:
-        arch = load_arch(recipe.model.config_json().parent)
-    else:
-        raise ValueError(f"{iter_dir}: neither config.json nor recipe.yaml; cannot tell the architecture")
+    arch, recipe = checkpoint_arch(iter_dir)
     pieces = CheckpointPieces(DistCheckpointReader(iter_dir), arch)
     source = MegatronSource(arch, pieces, str(iter_dir))
     dtypes = source.weight_dtypes()  # config.json torch_dtype: the weights' own dtype
