@@ -42,8 +42,9 @@ HIDDEN, INTER, EXPERTS, HEADS, KV, HEAD_DIM, VOCAB = 2048, 768, 16, 16, 4, 128, 
 
 
 def _config(layers: int) -> dict:
-    cfg = json.load(open(os.path.join(REPO, "recipes", "models", "tiny-qwen3-moe", "config.json")))
-    cfg.update(hidden_size=HIDDEN, moe_intermediate_size=INTER, intermediate_size=4 * HIDDEN,
+    from int4_qat.testing import tiny_config
+
+    cfg = tiny_config(hidden_size=HIDDEN, moe_intermediate_size=INTER, intermediate_size=4 * HIDDEN,
                num_experts=EXPERTS, num_experts_per_tok=4, num_attention_heads=HEADS,
                num_key_value_heads=KV, head_dim=HEAD_DIM, vocab_size=VOCAB, num_hidden_layers=layers,
                max_window_layers=layers, max_position_embeddings=4096)

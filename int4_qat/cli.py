@@ -213,23 +213,22 @@ def cli_main(prog: str) -> Callable:
 
 
 # ------------------------------------------------------------------ argparse value types
+def _bounded(text: str, convert: Callable, expected: str, bound: str, ok: Callable):
+    """``convert(text)``, refused with argparse's one-line message unless ``ok`` holds."""
+    try:
+        v = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+    return v
+
+
 def positive_int(text: str) -> int:
     """argparse ``type=``: an integer >= 1 (``--workers 0`` is refused, not silently odd)."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return _bounded(text, int, "an integer >= 1", ">= 1", lambda v: v >= 1)
 
 
 def positive_float(text: str) -> float:
     """argparse ``type=``: a finite float > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return v
+    return _bounded(text, float, "a number > 0", "a finite number > 0", lambda v: math.isfinite(v) and v > 0)

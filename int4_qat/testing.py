@@ -22,9 +22,9 @@ import torch
 
 from int4_qat.arch.hf_io import HFCheckpointReader, write_hf_checkpoint
 
-__all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "make_tiny_hf_checkpoint",
+__all__ = ["REPO_ROOT", "TINY_CONFIGS_DIR", "tiny_config_dir", "tiny_config", "make_tiny_hf_checkpoint",
            "build_tiny_hf_model", "rewrite_checkpoint", "megatron_from_hf", "random_hf_checkpoint",
-           "export_via_model", "synthetic_checkpoint"]
+           "export_via_model", "synthetic_checkpoint", "fake_quant_hf_state_dict"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIGS_DIR = REPO_ROOT / "recipes" / "models"
@@ -46,6 +46,14 @@ def tiny_config_dir(model_type_or_config_dir: str | os.PathLike) -> Path:
         raise ValueError(f"no tiny config for {str(model_type_or_config_dir)!r}: not a directory "
                          f"with config.json, nor a model_type in {TINY_CONFIGS_DIR} ({known})")
     return found[0]
+
+
+def tiny_config(model_type_or_config_dir: str | os.PathLike = "qwen3_moe", **overrides) -> dict:
+    """The tiny ``config.json`` (see :func:`tiny_config_dir`) as a dict with ``overrides`` applied:
+    the one way a test or bench derives a larger or edited model from the shipped tiny configs."""
+    cfg = json.loads((tiny_config_dir(model_type_or_config_dir) / "config.json").read_text())
+    cfg.update(overrides)
+    return cfg
 
 
 def build_tiny_hf_model(config_dir: str | os.PathLike, seed: int = 0):
@@ -213,3 +221,27 @@ def synthetic_checkpoint(config: dict, out_dir: str | os.PathLike, *, dtype: tor
     (it / "train_state.json").write_text(json.dumps({"complete": True, "step": 1, "quantized": True}))
     (root / "latest").write_text(it.name + "\n")
     return root
+
+
+def fake_quant_hf_state_dict(model: torch.nn.Module, arch) -> dict[str, torch.Tensor]:
+    """The HF-named weights a quantized Megatron ``model`` computes with: its ModelOpt quantizers'
+    fake-quantized weights in place of the quantized parameters, every other tensor as it is, gathered
+    over TP / EP / PP by ``export_hf_state_dict`` (collective under a process group: every rank calls
+    it). The parameters are restored before returning. The oracle that exports are compared with."""
+    from int4_qat.arch import export_hf_state_dict
+    from int4_qat.checkpoint import _unwrap
+    from int4_qat.modelopt_backend import fake_quantized_weights
+
+    model = _unwrap(model)
+    params = dict(model.named_parameters())
+    fq = fake_quantized_weights(model)
+    saved = {k: params[k].data.clone() for k in fq}
+    try:
+        with torch.no_grad():
+            for k, v in fq.items():
+                params[k].data.copy_(v)
+            return {n: t.clone() for n, t in export_hf_state_dict(model, arch)}
+    finally:
+        with torch.no_grad():
+            for k, v in saved.items():
+                params[k].data.copy_(v)

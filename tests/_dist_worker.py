@@ -40,26 +40,6 @@ def tiny_recipe(model: str, *, data: list[str], fmt: str = "int4", group: int | 
     })
 
 
-def gathered_fake_quant(trainer) -> dict[str, torch.Tensor]:
-    """HF-named full tensors of the model with every quantized weight replaced by its fake quant
-    (collective: every rank calls it). Unquantized tensors are included as they are."""
-    from int4_qat.arch import export_hf_state_dict
-    from int4_qat.checkpoint import _unwrap
-    from int4_qat.modelopt_backend import fake_quantized_weights
-
-    inner = _unwrap(trainer.model)
-    params = dict(inner.named_parameters())
-    fq = fake_quantized_weights(inner)
-    saved = {k: params[k].data.clone() for k in fq}
-    with torch.no_grad():
-        for k, v in fq.items():
-            params[k].data.copy_(v)
-        out = {n: t.clone() for n, t in export_hf_state_dict(inner, trainer.arch)}
-        for k, v in saved.items():
-            params[k].data.copy_(v)
-    return out
-
-
 @torch.no_grad()
 def full_logits(trainer, samples: int = 2) -> torch.Tensor:
     """Eval-mode logits ``[b, s, vocab]`` of the first ``samples`` eval windows (TP-gathered;
@@ -113,6 +93,7 @@ def sink_shards() -> dict:
 def run_layout(spec: dict) -> dict:
     """Build, record fake-quant weights, step, record again; see the module docstring."""
     from int4_qat.recipe import Recipe
+    from int4_qat.testing import fake_quant_hf_state_dict
     from int4_qat.train import Trainer
 
     recipe = Recipe.from_dict(spec["recipe"])
@@ -124,7 +105,7 @@ def run_layout(spec: dict) -> dict:
                       "ep": ps.get_expert_model_parallel_world_size(),
                       "pp": ps.get_pipeline_model_parallel_world_size(),
                       "dp": ps.get_data_parallel_world_size()},
-           "fq_before": gathered_fake_quant(tr)}
+           "fq_before": fake_quant_hf_state_dict(tr.model, tr.arch)}
     if spec.get("logits"):
         res["logits"] = full_logits(tr)
     if spec.get("sink_shards"):
@@ -134,7 +115,7 @@ def run_layout(spec: dict) -> dict:
         res["sink_shards"] = [None] * dist.get_world_size()
         dist.all_gather_object(res["sink_shards"], mine)
     res["losses"] = [tr.train_step()["loss"] for _ in range(spec["steps"])]
-    res["fq_after"] = gathered_fake_quant(tr)
+    res["fq_after"] = fake_quant_hf_state_dict(tr.model, tr.arch)
     if spec.get("save"):
         res["checkpoint"] = str(tr.save())
     return res

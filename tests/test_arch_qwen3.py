@@ -17,7 +17,7 @@ from int4_qat.parallel import free_port
 from int4_qat.arch import (HFCheckpointReader, build_model, export_hf_state_dict,
                            import_hf_checkpoint, load_arch, write_hf_checkpoint)
 from int4_qat.compat import cpu
-from int4_qat.testing import TINY_CONFIGS_DIR, make_tiny_hf_checkpoint
+from int4_qat.testing import TINY_CONFIGS_DIR, make_tiny_hf_checkpoint, tiny_config
 
 SEQ, BATCH = 16, 2
 
@@ -53,8 +53,7 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     out = {t: make_tiny_hf_checkpoint(t, root / t) for t in ("qwen3_moe", "qwen3")}
     # a variant: no top-k renormalisation (Megatron pre-softmax router) and a dense layer 1
-    cfg = json.loads((TINY_CONFIGS_DIR / "tiny-qwen3-moe" / "config.json").read_text())
-    cfg.update(norm_topk_prob=False, mlp_only_layers=[1])
+    cfg = tiny_config(norm_topk_prob=False, mlp_only_layers=[1])
     (root / "variant-cfg").mkdir()
     (root / "variant-cfg" / "config.json").write_text(json.dumps(cfg))
     out["variant"] = make_tiny_hf_checkpoint(root / "variant-cfg", root / "variant", seed=3)

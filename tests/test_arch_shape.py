@@ -12,7 +12,7 @@ from int4_qat.arch.shape import ALIASES, arch_shape
 from int4_qat.parallel import validate_layout
 from int4_qat.planner import count_params
 from int4_qat.recipe import REPO_ROOT
-from int4_qat.testing import make_tiny_hf_checkpoint
+from int4_qat.testing import make_tiny_hf_checkpoint, tiny_config
 
 MODELS = REPO_ROOT / "recipes" / "models"
 CONFIGS = sorted(p.parent.name for p in MODELS.glob("*/config.json"))
@@ -96,7 +96,7 @@ def test_arch_shape_refuses_bad_configs():
         arch_shape([1, 2])
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         arch_shape({"model_type": "llama"})
-    cfg = json.loads((MODELS / "tiny-qwen3-moe" / "config.json").read_text())
+    cfg = tiny_config()
     with pytest.raises(ValueError, match="'hidden_size' must be an integer"):
         arch_shape({**cfg, "hidden_size": "128"})
     with pytest.raises(ValueError, match="lacks 'vocab_size'"):

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from int4_qat.export import export_checkpoint
 from int4_qat.export.ct_config import ignore_list
-from int4_qat.testing import make_tiny_hf_checkpoint, random_hf_checkpoint
+from int4_qat.testing import make_tiny_hf_checkpoint, random_hf_checkpoint, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,8 +246,7 @@ def test_sigkill_midway_leaves_no_completed_output(tmp_path):
     # ~110 MB of BF16 (3 MoE layers of 8 experts, hidden 1024) in 3 shards: long enough to kill
     # while shards are being written
     src = tmp_path / "big"
-    cfg = json.load(open(os.path.join(REPO, "recipes", "models", "tiny-qwen3-moe", "config.json")))
-    cfg.update(
+    cfg = tiny_config(
         hidden_size=1024,
         moe_intermediate_size=1024,
         num_hidden_layers=3,

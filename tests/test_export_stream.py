@@ -365,11 +365,10 @@ def test_export_fits_in_a_fraction_of_the_model(tmp_path):
     must succeed and its peak RSS stay within the budget; a model-sized allocation must fail
     (so the limit really binds)."""
     from int4_qat.recipe import Recipe
-    from int4_qat.testing import synthetic_checkpoint
+    from int4_qat.testing import synthetic_checkpoint, tiny_config
 
-    cfg = json.loads((REPO_ROOT / "recipes" / "models" / "tiny-qwen3-moe" / "config.json").read_text())
     # 44 layers of 37 MB (fp32): attention 24 MB (copied: scope experts), 8 experts 13 MB (packed)
-    cfg.update(
+    cfg = tiny_config(
         hidden_size=1024,
         num_attention_heads=16,
         num_key_value_heads=8,

@@ -13,7 +13,7 @@ import torch
 from int4_qat.export.gguf_blocks import check_decoded, global_scale_inverse, pack_blocks
 from int4_qat.export.gguf_export import export_gguf, verify_gguf
 from int4_qat.scheme import QuantScheme
-from int4_qat.testing import make_tiny_hf_checkpoint
+from int4_qat.testing import fake_quant_hf_state_dict, make_tiny_hf_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BF16_U = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
@@ -328,23 +328,6 @@ def test_llama_cpp_computes_what_gguf_decodes(tmp_path, fmt, monkeypatch):
         assert not bad_rep.mean_abs_dlogprob < 1  # (overflows to NaN logits, in fact)
 
 
-def _training_fake_quant(model, arch) -> dict:
-    """HF-named weights the quantized Megatron model computes with (ModelOpt's own quantizers)."""
-    from int4_qat.arch import export_hf_state_dict
-    from int4_qat.modelopt_backend import fake_quantized_weights
-
-    params = dict(model.named_parameters())
-    fq = fake_quantized_weights(model)
-    saved = {k: params[k].data.clone() for k in fq}
-    with torch.no_grad():
-        for k, v in fq.items():
-            params[k].data.copy_(v)
-        out = {n: t.clone() for n, t in export_hf_state_dict(model, arch)}
-        for k, v in saved.items():
-            params[k].data.copy_(v)
-    return out
-
-
 class _Override:
     """An HF source with some tensors replaced (here: by the training fake-quant weights)."""
 
@@ -392,7 +375,7 @@ def test_qat_int4_g32_moe_served_by_llama_cpp(tmp_path):
 
     # 1. what llama.cpp decodes == what the training forward computed (ModelOpt's quantizers)
     model, arch, _ = C.load_model_for_export(ckpt)
-    fq = _training_fake_quant(model, arch)
+    fq = fake_quant_hf_state_dict(model, arch)
     reader = {t.name: t for t in gguf.GGUFReader(q.output).tensors}
     for layer in range(2):
         for proj, gname in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):

@@ -10,6 +10,7 @@ import torch
 from int4_qat.planner import (GB, arch_shape, count_params, plan, serving_bytes, stage_layers,
                               training_memory)
 from int4_qat.recipe import REPO_ROOT, Recipe
+from int4_qat.testing import tiny_config
 
 MODELS = REPO_ROOT / "recipes" / "models"
 
@@ -83,7 +84,7 @@ def _tiny_cfgs():
     q3.update(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
               num_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, vocab_size=100, mlp_only_layers=[1])
-    tiny = json.loads((MODELS / "tiny-qwen3-moe" / "config.json").read_text())
+    tiny = tiny_config()
     return {"deepseek_v3": k2, "gpt_oss": oss, "qwen3_moe": q3, "tiny-qwen3-moe": tiny}
 
 

@@ -10,6 +10,7 @@ import yaml
 
 from int4_qat.recipe import REPO_ROOT
 from int4_qat.structure import run_checks
+from int4_qat.testing import tiny_config
 
 
 def _tiny_variant(tmp_path, name, parallel, model_edit=None):
@@ -17,7 +18,7 @@ def _tiny_variant(tmp_path, name, parallel, model_edit=None):
     d["name"] = name
     d["parallel"].update(parallel)
     if model_edit is not None:
-        cfg = json.loads((REPO_ROOT / "recipes" / "models" / "tiny-qwen3-moe" / "config.json").read_text())
+        cfg = tiny_config()
         model_edit(cfg)
         (tmp_path / "model").mkdir(exist_ok=True)
         (tmp_path / "model" / "config.json").write_text(json.dumps(cfg))

@@ -61,6 +61,7 @@ def _assert_same_training(ref, got, parallel):
 @pytest.mark.slow
 def test_tp2_ep2_matches_single_process_and_reloads(hf_init, corpus, references, tmp_path):  # noqa: F811
     from int4_qat.checkpoint import load_model_for_export
+    from int4_qat.testing import fake_quant_hf_state_dict
 
     results = _launch(TP_EP, FORMATS, hf_init, corpus, tmp_path, logits=True, save=True)
     for (fmt, _scope), got in zip(FORMATS, results, strict=True):
@@ -74,11 +75,7 @@ def test_tp2_ep2_matches_single_process_and_reloads(hf_init, corpus, references,
         model, arch, recipe = load_model_for_export(got["checkpoint"])
         assert (recipe.parallel.tp, recipe.parallel.ep) == (2, 2)
 
-        class _T:
-            pass
-        t = _T()
-        t.model, t.arch = model, arch
-        loaded = W.gathered_fake_quant(t)
+        loaded = fake_quant_hf_state_dict(model, arch)
         for k, v in got["fq_after"].items():
             assert torch.equal(loaded[k], v), (fmt, k)
     # gpt-oss sinks at TP 2: ModelOpt's TE attention quant module would save each rank's 2 heads

@@ -183,15 +183,12 @@ def test_ep2_moe_matches_ep1_and_reshards_for_export(tmp_path, corpus):
                                 tmp_path, corpus, save=True)
     # the EP=2 checkpoint loads on one process at EP=1 with the trained fake-quant weights
     from int4_qat.checkpoint import load_model_for_export
+    from int4_qat.testing import fake_quant_hf_state_dict
 
     model, arch, recipe = load_model_for_export(got["checkpoint"])
     assert recipe.parallel.ep == 2 and arch.num_experts == 8
 
-    class _T:  # the shape gathered_fake_quant expects
-        pass
-    t = _T()
-    t.model, t.arch = model, arch
-    loaded = W.gathered_fake_quant(t)
+    loaded = fake_quant_hf_state_dict(model, arch)
     for k, v in got["fq_after"].items():
         assert torch.equal(loaded[k], v), k
 

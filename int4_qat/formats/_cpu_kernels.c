@@ -206,6 +206,15 @@ INLINE void int4_fq_range(const int4_args *a, int64_t g0, int64_t g1, uint32_t *
         else if ((a)->dt == DT_F16) { SWITCH_G(RUN, DT_F16, (a)->G) }       \
         else { SWITCH_G(RUN, DT_F32, (a)->G) }                              \
     } while (0)
+/* A chunk function (the pool's unit of work) that calls RANGE with the dtype as a constant, so each
+ * dtype gets its own inlined, vectorised copy of the loop. */
+#define DT_CHUNK(NAME, ARGS, RANGE)                                          \
+    static void NAME(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) { \
+        const ARGS *a = (const ARGS *)pa;                                   \
+        if (a->dt == DT_BF16) RANGE(a, lo, hi, bad, DT_BF16);               \
+        else if (a->dt == DT_F16) RANGE(a, lo, hi, bad, DT_F16);            \
+        else RANGE(a, lo, hi, bad, DT_F32);                                 \
+    }
 
 static void int4_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
     const int4_args *a = (const int4_args *)pa;
@@ -329,12 +338,7 @@ INLINE void mx_fq_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad,
         }
     }
 }
-static void mx_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
-    const mx_args *a = (const mx_args *)pa;
-    if (a->dt == DT_BF16) mx_fq_range(a, lo, hi, bad, DT_BF16);
-    else if (a->dt == DT_F16) mx_fq_range(a, lo, hi, bad, DT_F16);
-    else mx_fq_range(a, lo, hi, bad, DT_F32);
-}
+DT_CHUNK(mx_fq_chunk, mx_args, mx_fq_range)
 INLINE void mx_pack_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *bad, int dt) {
     enum { G = 32 };
     for (int64_t g = g0; g < g1; ++g) {
@@ -349,12 +353,7 @@ INLINE void mx_pack_range(const mx_args *a, int64_t g0, int64_t g1, uint32_t *ba
         pack_pairs(a->packed + (base >> 1), c, G);
     }
 }
-static void mx_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
-    const mx_args *a = (const mx_args *)pa;
-    if (a->dt == DT_BF16) mx_pack_range(a, lo, hi, bad, DT_BF16);
-    else if (a->dt == DT_F16) mx_pack_range(a, lo, hi, bad, DT_F16);
-    else mx_pack_range(a, lo, hi, bad, DT_F32);
-}
+DT_CHUNK(mx_pack_chunk, mx_args, mx_pack_range)
 
 int API(mxfp4_fake_quant)(const void *w, void *out, int dt, int64_t numel, int threads) {
     mx_args a = {w, out, NULL, NULL, dt};
@@ -460,12 +459,7 @@ INLINE void nv_fq_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *bad,
         }
     }
 }
-static void nv_fq_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
-    const nv_args *a = (const nv_args *)pa;
-    if (a->dt == DT_BF16) nv_fq_range(a, lo, hi, bad, DT_BF16);
-    else if (a->dt == DT_F16) nv_fq_range(a, lo, hi, bad, DT_F16);
-    else nv_fq_range(a, lo, hi, bad, DT_F32);
-}
+DT_CHUNK(nv_fq_chunk, nv_args, nv_fq_range)
 INLINE void nv_pack_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *bad, int dt) {
     enum { G = 16 };
     int64_t mat = b0 / a->blocks_per_mat, mat_end = (mat + 1) * a->blocks_per_mat;
@@ -483,12 +477,7 @@ INLINE void nv_pack_range(const nv_args *a, int64_t b0, int64_t b1, uint32_t *ba
         }
     }
 }
-static void nv_pack_chunk(const void *pa, int64_t lo, int64_t hi, uint32_t *bad) {
-    const nv_args *a = (const nv_args *)pa;
-    if (a->dt == DT_BF16) nv_pack_range(a, lo, hi, bad, DT_BF16);
-    else if (a->dt == DT_F16) nv_pack_range(a, lo, hi, bad, DT_F16);
-    else nv_pack_range(a, lo, hi, bad, DT_F32);
-}
+DT_CHUNK(nv_pack_chunk, nv_args, nv_pack_range)
 
 /* g: float32 global scale per matrix (nvfp4._global_scale, computed by the caller) */
 /* nvfp4.global_scale without global_amax, in place on each matrix's amax:
