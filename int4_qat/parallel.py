@@ -46,6 +46,7 @@ __all__ = [
     "free_port",
     "validate_layout",
     "init_parallel",
+    "init_process_group",
     "destroy_parallel",
     "megatron_layout_kwargs",
     "ROW_PARALLEL_PROBES",
@@ -286,9 +287,8 @@ def init_parallel(parallel_section: Any, *, cpu: bool | None = None, seed: int =
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if not cpu:
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group("gloo" if cpu else "nccl", init_method="env://", rank=env.rank,
-                                world_size=env.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        init_process_group("gloo" if cpu else "nccl", init_method="env://", rank=env.rank,
+                           world_size=env.world_size, timeout=datetime.timedelta(minutes=timeout_minutes))
     if cpu:
         from int4_qat.compat import cpu as compat_cpu
 
@@ -306,6 +306,22 @@ def init_parallel(parallel_section: Any, *, cpu: bool | None = None, seed: int =
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank, env.master_addr,
                    env.master_port, env.source)
+
+
+def init_process_group(backend: str, **kwargs) -> None:
+    """``torch.distributed.init_process_group``, the one way this project creates the default group.
+
+    ``torch.distributed.nn.functional`` is imported first: its functions take ``group=group.WORLD``
+    as a default argument, evaluated when the module is first imported. Imported later -- it is
+    pulled in by ``torch._dynamo``, hence by compressed-tensors, which the exporter imports lazily --
+    it captures the live default group, which ``destroy_process_group`` then cannot free: its gloo
+    worker threads outlive the interpreter and abort the process at exit (SIGABRT, "terminate
+    called without an active exception") after the command succeeded. Imported before the group
+    exists, the default is ``None`` (meaning WORLD at call time) and nothing keeps the group alive.
+    """
+    import torch.distributed.nn.functional  # noqa: F401  (see the docstring)
+
+    dist.init_process_group(backend, **kwargs)
 
 
 def destroy_parallel(process_group: bool = False) -> None:

@@ -77,11 +77,13 @@ def _init_fake_world(rank: int, world: int, p) -> None:
     from megatron.core import parallel_state as ps
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from int4_qat.parallel import init_process_group
+
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
     ps.initialize_model_parallel(
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         expert_model_parallel_size=p.ep, expert_tensor_parallel_size=p.etp,

@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.module import MegatronModule as _MegatronModule
 
-from int4_qat.parallel import free_port
+from int4_qat.parallel import free_port, init_process_group
 
 __all__ = [
     "activate",
@@ -238,7 +238,7 @@ def init_distributed_gloo(timeout_s: int = 300) -> tuple[int, int]:
     else:
         rank, world = 0, 1
         init_method = f"tcp://127.0.0.1:{free_port()}"
-    dist.init_process_group(
+    init_process_group(
         "gloo", init_method=init_method, rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=timeout_s),
     )

@@ -34,7 +34,7 @@ class ExportProcs:
         """One process, or the torchrun / Slurm job this process belongs to (gloo group)."""
         import torch.distributed as dist
 
-        from int4_qat.parallel import dist_env
+        from int4_qat.parallel import dist_env, init_process_group
 
         if dist.is_available() and dist.is_initialized():
             group = None
@@ -49,8 +49,8 @@ class ExportProcs:
         if env.source != "torchrun":
             os.environ.setdefault("MASTER_ADDR", env.master_addr)
             os.environ.setdefault("MASTER_PORT", str(env.master_port))
-        dist.init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size,
-                                timeout=_TIMEOUT)
+        init_process_group("gloo", init_method="env://", rank=env.rank, world_size=env.world_size,
+                           timeout=_TIMEOUT)
         return cls(env.rank, env.world_size, None)
 
     def gather(self, obj) -> list:
